@@ -11,11 +11,14 @@ Read it top to bottom beside the paper; the sections follow its order:
   4. Training                 the losses (CE, self-distillation Eq. 1-2, L2 pull), freezing, one loop
   5. Stage 1                  task-format learning on D_known; the snapshot is the frozen teacher
   6. Stage 2                  factual SFT on D_known + D_unknown by each method, evaluated every epoch
-  7. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
+  8. Why SFT forgets          the hypothesis experiments: capacity, behaviour cloning, localized interference;
+                              representation drift and the gradient-matched L2 control
+  9. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
 
     python sftguard.py --method selfdistill          # the paper's fix
     python sftguard.py --method all                  # every method from one shared teacher
     python sftguard.py --preset smoke --method sft   # seconds, for tests
+    python sftguard.py --experiment all              # why SFT forgets: name-like vs UUID keys, width, cloning
 """
 
 import copy
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +58,10 @@ class Config:
     model: str = field(default="", metadata={"help": "path to a local Hugging Face causal LM; empty: pretrain a small model on the synthetic world (cached)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
+    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its last checkpoint (the teacher after stage 1, the student after each stage-2 epoch); needs the same flags"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (by default they are deleted then; a killed run keeps them for --resume)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
 
     # --- 3. SliCK knowledge categories (Gekhman et al. 2024: 10 prompts x (1 greedy + 16 samples), 4-shot)
     slick_prompts: int = field(default=4, metadata={"help": "random few-shot prompts per fact (paper: 10)"})
@@ -66,9 +72,9 @@ class Config:
     slick_max_facts: int = field(default=4000, metadata={"help": "categorise at most this many facts (a random sample); 0 = all"})
 
     # --- 3. Split sizes, in facts (0 = all that are available)
-    n_known: int = field(default=600, metadata={"help": "|D_known|: Known facts for task-format learning and stage 2"})
-    n_unknown: int = field(default=600, metadata={"help": "|D_unknown|: Unknown facts, the new knowledge of stage 2"})
-    n_held: int = field(default=400, metadata={"help": "|D_held|: HighlyKnown facts never trained on, the forgetting probe"})
+    n_known: int = field(default=500, metadata={"help": "|D_known|: Known facts for task-format learning and stage 2"})
+    n_unknown: int = field(default=500, metadata={"help": "|D_unknown|: Unknown facts, the new knowledge of stage 2"})
+    n_held: int = field(default=300, metadata={"help": "|D_held|: HighlyKnown facts never trained on, the forgetting probe"})
     n_val: int = field(default=100, metadata={"help": "Known facts of other entities that stop stage 1 early"})
 
     # --- 2. The synthetic base model (ignored with --model)
@@ -94,14 +100,26 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
+    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (teacher answer-token log-probs computed once, reused every epoch; exact) | bf16 (half its memory; KL within 1% relative) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; approximate) | live (a teacher forward pass every step, Eq. 1-2 as written)"})
+    teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
+    kl_chunk: int = field(default=128, metadata={"help": "selfdistill with a cached teacher: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once)"})
     trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
     warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine to 10%)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    unknown_answer: str = field(default="", metadata={"help": "if set (e.g. \"I don't know\"), stage 2 trains D_unknown with this answer instead of the gold one and reports how often each split is answered with it"})
+    sweep: str = field(default="", metadata={"help": "the frontier: kl_weight=0,0.25,1 (selfdistill) | temperature=... (selfdistill) | l2_weight=... (l2), each from one teacher, plus the controls"})
 
     # --- 1./6. Evaluation
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
     eval_batch_size: int = field(default=256, metadata={"help": "prompts per generation batch"})
+
+    # --- 8. The hypothesis experiments (why SFT forgets)
+    experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: run the paper's hypothesis experiments instead of --method (writes DIR/<experiment>.json, experiments.md)"})
+    exp_counts: str = field(default="100,300,1000", metadata={"help": "numbers of synthetic new facts per condition (comma list; the paper: 1e3..1e6)"})
+    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths of the base model besides --n_embd (comma list); empty: n_embd/2. Each is pretrained once and cached"})
+    exp_relation: str = field(default="country", metadata={"help": "the one relation of the synthetic new facts (the paper's P17 analogue)"})
+    exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: at most this many epochs to fit UUID-key facts to the name-key facts' accuracy; 0 = 3 x --epochs"})
 
 
 # Presets are small sets of overrides, as in nanoGPT; flags given on the command line win.
@@ -109,12 +127,13 @@ PRESETS = {
     "smoke": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, pretrain_epochs=40, pretrain_lr=5e-3,
                   pretrain_block=64, pretrain_batch_size=16,
                   slick_prompts=2, slick_shots=2, slick_samples=2, n_known=30, n_unknown=30, n_held=20, n_val=10,
-                  stage1_epochs=2, epochs=2, eval_max=60),
+                  stage1_epochs=2, epochs=2, eval_max=60, exp_counts="10,30,100", exp_widths="96"),
     "default": dict(),
     "large": dict(n_layer=8, n_embd=256, n_head=8, vocab_size=2048, pretrain_epochs=60, slick_prompts=10, slick_samples=16,
                   slick_max_facts=0, n_known=3000, n_unknown=3000, n_held=2000, n_val=300, eval_max=2000, batch_size=64),
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
+TEACHER_CACHES = ("fp32", "bf16", "topk", "live")
 # --method all: every method once from the same teacher; freeze twice, as in the paper's Table 1.
 ALL_RUNS = (("known_only", None), ("sft", None), ("selfdistill", None), ("freeze", "attn"), ("freeze", "mlp"), ("l2", None))
 
@@ -131,7 +150,9 @@ def parse_config(argv=None) -> Config:
     if known.preset not in PRESETS:
         raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[known.preset])
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # HfArgumentParser would raise a ValueError with a traceback
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see python sftguard.py --help")
     check_config(cfg)
     return cfg
 
@@ -139,15 +160,38 @@ def parse_config(argv=None) -> Config:
 def check_config(cfg: Config):
     if cfg.method not in METHODS + ("all",):
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS + ('all',))}")
-    if cfg.kl_weight < 0 or cfg.l2_weight < 0:
-        raise UserError("--kl_weight and --l2_weight must be >= 0")
-    if cfg.temperature <= 0 or cfg.slick_temperature <= 0:
-        raise UserError("--temperature and --slick_temperature must be > 0")
-    for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max"):
+    # Chained comparisons are False for nan, so nan and inf fail too.
+    for name in ("kl_weight", "l2_weight", "warmup_frac"):
+        if not (0 <= getattr(cfg, name) < math.inf):
+            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number >= 0")
+    for name in ("temperature", "slick_temperature", "lr", "stage1_lr", "pretrain_lr", "grad_clip"):
+        if not (0 < getattr(cfg, name) < math.inf):
+            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number > 0")
+    if cfg.warmup_frac >= 1:
+        raise UserError(f"--warmup_frac {cfg.warmup_frac} leaves no steps after warm-up; pass a fraction below 1, e.g. 0.05")
+    for name in ("n_known", "n_unknown", "n_held", "n_val", "slick_samples", "slick_top_k", "slick_max_facts"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} {getattr(cfg, name)} is negative; pass a count >= 0 (0 means all, for split sizes)")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite starts it over; pass one of them")
+    if cfg.resume and cfg.experiment:
+        raise UserError("--resume works for --method and --sweep runs, not for --experiment; run the experiment again")
+    if cfg.teacher_cache not in TEACHER_CACHES:
+        raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
+    if cfg.teacher_topk < 1 or cfg.kl_chunk < 1:
+        raise UserError("--teacher_topk and --kl_chunk must be >= 1")
+    for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max", "eval_batch_size",
+                 "stage1_patience", "n_layer", "n_embd", "n_head", "mlp_ratio", "pretrain_epochs", "pretrain_batch_size", "pretrain_block"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1")
     if cfg.arch not in ("llama", "gpt2"):
         raise UserError(f"unknown --arch {cfg.arch!r}; choose llama or gpt2")
+    if not cfg.model and cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
+    if cfg.experiment:
+        experiment_plan(cfg)  # raises UserError on a malformed --experiment / --exp_counts / --exp_widths
 
 
 def seed_everything(seed: int):
@@ -158,12 +202,14 @@ def seed_everything(seed: int):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
+    return device
 
 
 # =====================================================================================================
@@ -172,29 +218,52 @@ def resolve_device(name: str) -> torch.device:
 def load_facts(data_dir: Path) -> tuple[list[dict], dict]:
     """Read facts.jsonl and world.json as written by data_prep.py, checking every field we rely on."""
     facts_path, world_path = data_dir / "facts.jsonl", data_dir / "world.json"
+    if not data_dir.is_dir():
+        raise UserError(f"--data {data_dir} is not a folder; pass the folder data_prep.py wrote")
     for path in (facts_path, world_path):
         if not path.is_file():
             raise UserError(f"{path} is missing; build the data with `python data_prep.py --out {data_dir}`")
     try:
-        world = json.loads(world_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{world_path} is not valid JSON ({e}); rebuild it with data_prep.py") from None
-    facts = []
-    for line_no, line in enumerate(facts_path.read_text().splitlines(), 1):
+        world = json.loads(world_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise UserError(f"{world_path} is not valid JSON ({str(e).splitlines()[0]}); rebuild it with data_prep.py") from None
+    if not isinstance(world, dict) or not isinstance(world.get("relations"), dict) or not {"source", "fingerprint"} <= set(world):
+        raise UserError(f"{world_path} lacks source, fingerprint or relations; rebuild the data with data_prep.py")
+    if world["source"] == "synthetic" and not (data_dir / "pretrain.jsonl").is_file():
+        raise UserError(f"{data_dir / 'pretrain.jsonl'} is missing; rebuild the world with `python data_prep.py --out {data_dir} --overwrite`")
+    facts, ids = [], set()
+    try:
+        lines = facts_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{facts_path} is not UTF-8 text ({e}); rebuild the data with data_prep.py") from None
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             fact = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{facts_path}:{line_no} is not valid JSON; rebuild the data with data_prep.py") from None
+        if not isinstance(fact, dict):
+            raise UserError(f"{facts_path}:{line_no} is not a JSON object; each line must be one fact {{id, relation, subject, question, answers}}")
         missing = [k for k in ("id", "relation", "subject", "question", "answers") if k not in fact]
         if missing:
             raise UserError(f"{facts_path}:{line_no} lacks {', '.join(missing)}; rebuild the data with data_prep.py")
-        if not fact["answers"] or not all(isinstance(a, str) and a.strip() for a in fact["answers"]):
-            raise UserError(f"{facts_path}:{line_no} has no non-empty answer; fix or drop that fact")
+        blank = [k for k in ("id", "relation", "subject", "question") if not (isinstance(fact[k], str) and fact[k].strip())]
+        if blank:
+            raise UserError(f"{facts_path}:{line_no} has an empty or non-text {', '.join(blank)}; fix or drop that fact")
+        answers = fact["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise UserError(f"{facts_path}:{line_no} needs \"answers\": a list of non-empty strings; fix or drop that fact")
+        if fact["id"] in ids:
+            raise UserError(f"{facts_path}:{line_no} repeats the id {fact['id']!r}; give every fact its own id")
+        ids.add(fact["id"])
         facts.append(fact)
     if not facts:
         raise UserError(f"{facts_path} holds no facts; rebuild the data with data_prep.py")
+    have = Counter(f["relation"] for f in facts)
+    empty = [r for r in world["relations"] if not have[r]]
+    if empty:
+        raise UserError(f"relation {', '.join(empty)} in {world_path} has no facts in {facts_path}; add its facts or drop it from world.json")
     return facts, world
 
 
@@ -266,26 +335,50 @@ def accuracy(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval
 # 2. The base model: a local HF causal LM, or a small one pretrained here on the synthetic world
 # =====================================================================================================
 def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.model:
         path = Path(cfg.model)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(f"--model {cfg.model} is not a folder with a config.json; pass a local Hugging Face model folder")
+        remote = dict(trust_remote_code=cfg.trust_remote_code)  # off unless asked: loading must not run foreign code
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(path, **remote)
+        except (ValueError, OSError) as e:
+            hint = " (it ships its own code: pass --trust_remote_code if you trust it)" if "trust_remote_code" in str(e) else ""
+            raise UserError(f"--model {cfg.model} has an unreadable config.json ({str(e).splitlines()[0]}){hint}") from None
+        # Only decoder-only LMs answer by continuing the prompt; a BERT would even load (as BertLMHeadModel).
+        architectures = config.architectures or []
+        if config.is_encoder_decoder or (architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
+            raise UserError(f"--model {cfg.model} is a {', '.join(architectures) or config.model_type}, not a causal LM; "
+                            f"pass a decoder-only model such as GPT-2, Llama or Qwen2")
+        try:  # weights: safetensors when present; transformers reads a .bin only with torch.load(weights_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, **remote)
         except (ValueError, OSError) as e:
             raise UserError(f"--model {cfg.model} could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--model {cfg.model} has no usable tokenizer ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained") from None
     else:
         if world.get("source") != "synthetic":
             raise UserError(f"the data in {data_dir} has no pretraining corpus; pass --model PATH (a local Hugging Face causal LM)")
         path = pretrain_base_model(cfg, data_dir, world)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of --model {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token is None:  # many LLM tokenizers have none; padding positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"--model {cfg.model}: its tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{model.get_input_embeddings().num_embeddings} embeddings; pass the tokenizer saved with this model")
+    # A --trainable pattern that matches no parameter fails now rather than after stage 1 (set_trainable raises).
+    for method, trainable in ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable),):
+        if method == "freeze":
+            set_trainable(model, trainable)
+    set_trainable(model, "all")
     return model.to(device), tokenizer, path
 
 
@@ -352,10 +445,10 @@ def pretrain_base_model(cfg: Config, data_dir: Path, world: dict) -> Path:
 
     train(model, packed_epoch, next_token_loss, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, cfg=cfg,
           desc="pretrain", weight_decay=0.1)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent if cache.parent.exists() else None, prefix=".tmp-base-"))
+    cache.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder must be on the cache's file system for os.replace
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-base-"))
     model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
     return cache
 
@@ -451,6 +544,9 @@ def split_facts(facts: list[dict], categories: dict[str, str], cfg: Config, rng:
             splits["known"] += known[: max(0, want["known"] - len(splits["known"]))]
             splits["unknown"] += unknown[: max(0, want["unknown"] - len(splits["unknown"]))]
     for name, size in (("held", cfg.n_held), ("val", cfg.n_val), ("known", cfg.n_known), ("unknown", cfg.n_unknown)):
+        if len(splits[name]) == 0 and size == 0:  # 0 asks for all there are, and there are none
+            raise UserError(f"the {name} split came out empty (no fitting facts among the {len(facts)} categorised); "
+                            f"use more data or a larger --slick_max_facts")
         if len(splits[name]) == 0 or len(splits[name]) < size:
             raise UserError(f"only {len(splits[name])} facts for the {name} split where --n_{name} {size} were asked; "
                             f"lower --n_{name} or use more data")
@@ -485,10 +581,110 @@ def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: fl
     gradient as tau changes (Hinton et al. 2015). Returns (loss, kl)."""
     answer = labels != -100
     ce = F.cross_entropy(student_logits[answer].float(), labels[answer])
-    log_p_teacher = F.log_softmax(teacher_logits[answer].float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits[answer].detach().float() / temperature, dim=-1)  # a fixed target
     log_p_student = F.log_softmax(student_logits[answer].float() / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
     return ce + kl_weight * temperature**2 * kl, kl
+
+
+# The same loss, fast. The stage-2 inputs are fixed and the teacher frozen, so its answer-token log-probabilities
+# are computed once (build_teacher_cache) instead of by a forward pass every step; and the KL is taken a chunk of
+# answer tokens at a time with its gradient written out, so no full-vocabulary tensor is kept for the backward
+# pass. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
+def self_distillation_loss_cached(student_logits, teacher_log_p, labels, kl_weight: float, temperature: float,
+                                  chunk: int, teacher_ids=None):
+    """Eq. 1-2 as in self_distillation_loss, with the teacher given as log-probabilities at tau, one row per answer
+    token in the order of labels != -100 (row-major), as cached_teacher_rows returns them. Returns (loss, kl)."""
+    answer = labels != -100
+    answer_logits = student_logits[answer]
+    if len(answer_logits) != len(teacher_log_p):
+        raise RuntimeError(f"{len(teacher_log_p)} teacher rows for {len(answer_logits)} answer tokens: "
+                           f"the teacher cache was built for other examples than this batch")
+    ce = F.cross_entropy(answer_logits.float(), labels[answer])
+    kl = ChunkedKL.apply(answer_logits, teacher_log_p, teacher_ids, temperature, chunk) / len(answer_logits)
+    return ce + kl_weight * temperature**2 * kl, kl
+
+
+class ChunkedKL(torch.autograd.Function):
+    """Sum over rows of KL(q || p_student^tau), computed `chunk` rows at a time in the forward and again in the
+    backward pass, so at most one chunk of full-vocabulary probabilities exists at once (plain autograd would keep
+    every intermediate until backward). d KL / d logits = (p_student^tau - q) / tau.
+
+    q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype), or with teacher_ids [N, k]
+    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target)."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher_log_p, teacher_ids, temperature: float, chunk: int):
+        ctx.save_for_backward(logits, teacher_log_p, teacher_ids)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        total = torch.zeros((), device=logits.device)
+        for start in range(0, len(logits), chunk):
+            log_p_student, log_q = kl_chunk_terms(logits, teacher_log_p, teacher_ids, slice(start, start + chunk), temperature)
+            total += (log_q.exp() * (log_q - log_p_student)).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, teacher_log_p, teacher_ids = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, len(logits), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            log_p_student, log_q = kl_chunk_terms(logits, teacher_log_p, teacher_ids, rows, ctx.temperature)
+            grad[rows] = ((log_p_student.exp() - log_q.exp()) * (grad_total / ctx.temperature)).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def kl_chunk_terms(logits, teacher_log_p, teacher_ids, rows, temperature: float):
+    """log p_student^tau and log q on the given rows, in float32."""
+    log_p_student = F.log_softmax(logits[rows].float() / temperature, dim=-1)
+    if teacher_ids is None:
+        return log_p_student, teacher_log_p[rows].float()
+    return log_p_student, teacher_target(log_p_student, teacher_log_p[rows].float(), teacher_ids[rows].long())
+
+
+def teacher_target(log_p_student, top_and_tail, ids):
+    """Top-k + tail bucket: the teacher's k most likely tokens exactly, and its remaining mass spread over the other
+    tokens in the student's proportions. KL to this q is the KL over k + 1 bins (top-k tokens, the tail), a lower
+    bound of the full KL that equals it when the teacher's tail has the student's shape."""
+    log_tail_teacher = top_and_tail[:, -1:].clamp_min(-1e4)  # -inf when the top-k hold all the mass
+    log_tail_student = log_p_student.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-1e4)
+    return (log_p_student + log_tail_teacher - log_tail_student).scatter(-1, ids, top_and_tail[:, :-1])
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
+    """The teacher's log-probabilities at tau on every answer token of the training set, computed once.
+
+    Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
+    a batch in any order finds its rows by its examples' "index". cfg.teacher_cache: fp32 (exact) or bf16
+    full-vocabulary rows; topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
+    if not hasattr(batches, "batch_of"):
+        raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    log_ps, ids, offsets = [], [], [0]
+    for start in tqdm(range(0, batches.size, cfg.eval_batch_size), desc="teacher cache", leave=False):
+        batch = batches.batch_of(list(range(start, min(start + cfg.eval_batch_size, batches.size))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        answer = batch["labels"][:, 1:] != -100
+        log_p = F.log_softmax(logits[answer].float() / cfg.temperature, dim=-1)
+        if cfg.teacher_cache == "topk":
+            top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
+            log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
+            log_ps.append(torch.cat([top, log_tail], dim=-1))
+            ids.append(top_ids.int())
+        else:
+            log_ps.append(log_p.to(torch.bfloat16 if cfg.teacher_cache == "bf16" else torch.float32))
+        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
+    return {"log_p": torch.cat(log_ps), "ids": torch.cat(ids) if ids else None, "offsets": offsets}
+
+
+def cached_teacher_rows(cache: dict, index: torch.Tensor):
+    """The cached rows of a batch's examples, in the order of the batch's answer tokens: (log_p, ids or None)."""
+    offsets = cache["offsets"]
+    rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["log_p"].device)
+    return cache["log_p"][rows], None if cache["ids"] is None else cache["ids"][rows]
 
 
 def l2_pull(model, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -553,35 +749,47 @@ def qa_batches(tokenizer, facts: list[dict], batch_size: int):
         lambda f: encode_qa(tokenizer, f), remove_columns=["question", "answers"])
     examples = list(zip(encoded["input_ids"], encoded["labels"]))
 
+    def batch_of(index: list[int]) -> dict:
+        """The examples at these positions, right-padded; "index" lets a teacher cache find their rows."""
+        chunk = [examples[i] for i in index]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in chunk]),
+                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
+                "labels": torch.tensor([pad(lab, -100) for _, lab in chunk]), "index": torch.tensor(index)}
+
     def epoch(generator):
         order = torch.randperm(len(examples), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            chunk = [examples[i] for i in order[start:start + batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
-            pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-            yield {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in chunk]),
-                   "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
-                   "labels": torch.tensor([pad(lab, -100) for _, lab in chunk])}
+            yield batch_of(order[start:start + batch_size])
+    epoch.batch_of = batch_of
     epoch.size = len(examples)
     epoch.steps = math.ceil(len(examples) / batch_size)
     return epoch
 
 
 def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc: str, weight_decay: float = 0.0,
-          on_epoch_end=None, seed: int = 0) -> dict:
+          on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None) -> dict:
     """The one training loop: AdamW, warm-up then cosine, clipping, a NaN guard, tokens/s.
 
     batches(generator) yields one epoch of batches; loss_fn(logits, labels, batch) is the method's loss
-    on shifted logits/labels; on_epoch_end(epoch) may return True to stop early."""
+    on shifted logits/labels; on_epoch_end(epoch) may return True to stop early. With checkpoint_dir, the
+    state after each epoch is saved there (with checkpoint_extra(), a JSON-able dict of the caller's), and
+    training continues after the newest one found there (--resume)."""
     device = next(model.parameters()).device
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = getattr(batches, "steps", None) or sum(1 for _ in batches(torch.Generator().manual_seed(seed)))
     total, warmup = epochs * steps_per_epoch, max(1, int(cfg.warmup_frac * epochs * steps_per_epoch))
-    step, tokens, train_seconds = 0, 0, 0.0
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    for epoch in range(1, epochs + 1):
+    step, tokens, train_seconds, first_epoch = 0, 0, 0.0, 1
+    if latest_checkpoint(checkpoint_dir) is not None:  # --resume: continue after the last completed epoch
+        state = load_epoch_checkpoint(latest_checkpoint(checkpoint_dir), model, optimizer, generator)
+        step, tokens, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        first_epoch = epochs + 1 if state["stopped"] else state["epoch"] + 1
+        tqdm.write(f"{desc}: resumed after epoch {state['epoch']} (step {step}) from {latest_checkpoint(checkpoint_dir)}")
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         start = time.perf_counter()
         for batch in batches(generator):
@@ -593,6 +801,7 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             loss = loss_fn(logits, batch["labels"][:, 1:], batch)
             if not torch.isfinite(loss):
+                bar.close()  # so that the message starts a line of its own
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}, step {step}; "
                                          f"lower the learning rate (--lr / --stage1_lr / --pretrain_lr)")
             loss.backward()
@@ -604,11 +813,75 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
         train_seconds += time.perf_counter() - start
-        if on_epoch_end is not None and on_epoch_end(epoch):
+        stop = bool(on_epoch_end is not None and on_epoch_end(epoch))
+        if checkpoint_dir is not None:
+            save_epoch_checkpoint(checkpoint_dir, epoch, model, optimizer, generator,
+                                  {"step": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": stop,
+                                   "extra": checkpoint_extra() if checkpoint_extra is not None else None})
+        if stop:
             break
     bar.close()
     model.eval()
     return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9)}
+
+
+# Checkpoints for --resume. Each is a folder written under a temporary name and then renamed into place, so a
+# run killed at any moment leaves the previous one whole. Weights are safetensors; the optimizer and RNG states
+# are plain tensors, read back with torch.load(weights_only=True), which cannot run code.
+def save_folder_atomic(folder: Path, write):
+    """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    write(tmp)
+    if folder.exists():  # rename(2) cannot replace a non-empty folder
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict):
+    """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs."""
+    from safetensors.torch import save_model
+
+    def write(tmp: Path):
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
+
+    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
+    for old in checkpoint_dir.glob("epoch-*"):  # only the newest is needed
+        if old.name != f"epoch-{epoch:04d}":
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
+    found = sorted(checkpoint_dir.glob("epoch-*")) if checkpoint_dir is not None else []
+    return found[-1] if found else None
+
+
+def read_checkpoint_state(checkpoint_dir: Path | None) -> dict | None:
+    latest = latest_checkpoint(checkpoint_dir)
+    return json.loads((latest / "state.json").read_text()) if latest is not None else None
+
+
+def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
+    from safetensors.torch import load_model
+
+    device = next(model.parameters()).device
+    load_model(model, path / "model.safetensors", device=str(device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
 
 
 # =====================================================================================================
@@ -623,10 +896,18 @@ def eval_subsets(splits: dict, cfg: Config, rng: random.Random) -> dict:
     return {name: rng.sample(facts, min(len(facts), cfg.eval_max)) for name, facts in splits.items()}
 
 
-def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config):
+def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config, checkpoint_dir: Path | None = None):
     """Stage 1: fine-tune the base model on D_known alone, keep the epoch with the best accuracy on the
-    validation split, and freeze that snapshot as the teacher."""
+    validation split, and freeze that snapshot as the teacher. With checkpoint_dir, the teacher is saved
+    to checkpoint_dir/teacher/ (with the run's config), or loaded from there if a killed run saved it."""
+    from safetensors.torch import load_model, save_model
+
     model = copy.deepcopy(base_model)
+    saved = checkpoint_dir / "teacher" if checkpoint_dir is not None else None
+    if saved is not None and (saved / "stage1.json").is_file():  # --resume after stage 1
+        load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
+        tqdm.write(f"stage 1: resumed the teacher from {saved}")
+        return freeze_as_teacher(model), json.loads((saved / "stage1.json").read_text())
     set_trainable(model, "all")
     best = {"acc": -1.0, "state": None, "epoch": 0}
     history = []
@@ -642,7 +923,14 @@ def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config):
           lr=cfg.stage1_lr, cfg=cfg, desc="stage 1", on_epoch_end=keep_best, seed=cfg.seed)
     model.load_state_dict(best["state"])
     teacher = freeze_as_teacher(model)
-    return teacher, {"best_epoch": best["epoch"], "val_acc": best["acc"], "history": history}
+    stage1 = {"best_epoch": best["epoch"], "val_acc": best["acc"], "history": history}
+    if saved is not None:
+        def write(tmp: Path):
+            save_model(teacher, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
+            (tmp / "stage1.json").write_text(json.dumps(stage1))
+        save_folder_atomic(saved, write)
+    return teacher, stage1
 
 
 def freeze_as_teacher(model):
@@ -655,8 +943,17 @@ def freeze_as_teacher(model):
 # =====================================================================================================
 # 6. Stage 2: factual SFT on D_known + D_unknown; a method changes the loss and what trains, nothing else
 # =====================================================================================================
-def method_loss(method: str, student, teacher, cfg: Config):
-    """The loss of each method, on shifted logits and labels."""
+def method_loss(method: str, student, teacher, cfg: Config, batches=None):
+    """The loss of each method, on shifted logits and labels. batches: the qa_batches the loss will see (a cached
+    teacher is computed on them, once)."""
+    if method == "selfdistill" and cfg.teacher_cache != "live":
+        cache = build_teacher_cache(teacher, batches, cfg)  # the loss below holds the cache, not the teacher
+
+        def cached_loss_fn(logits, labels, batch):
+            teacher_log_p, teacher_ids = cached_teacher_rows(cache, batch["index"])
+            return self_distillation_loss_cached(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
+                                                 cfg.kl_chunk, teacher_ids)[0]
+        return cached_loss_fn
     if method == "selfdistill":
         def loss_fn(logits, labels, batch):
             with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
@@ -669,26 +966,40 @@ def method_loss(method: str, student, teacher, cfg: Config):
     return next_token_loss  # sft, freeze, known_only
 
 
-def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config) -> dict:
-    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch."""
+def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
+               checkpoint_dir: Path | None = None) -> dict:
+    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
+    the student is saved there after every epoch and the result when done, and a killed run resumes from them."""
+    if checkpoint_dir is not None and (checkpoint_dir / "result.json").is_file():  # --resume: finished before the kill
+        tqdm.write(f"{run_name(method, trainable)}: resumed the finished result from {checkpoint_dir}")
+        return json.loads((checkpoint_dir / "result.json").read_text())
     started = time.perf_counter()
     seed_everything(cfg.seed)
     student = copy.deepcopy(teacher)
     set_trainable(student, trainable if method == "freeze" else "all")
-    train_facts = splits["known"] if method == "known_only" else splits["known"] + splits["unknown"]
-    curve = [{"epoch": 0, **teacher_scores}]
+    train_facts = splits["known"] if method == "known_only" else splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
+    resumed = read_checkpoint_state(checkpoint_dir)  # train() restores the weights; the curve so far is ours
+    curve = resumed["extra"]["curve"] if resumed else [{"epoch": 0, **teacher_scores}]
 
     def record(epoch):
-        curve.append({"epoch": epoch, **evaluate(student, tokenizer, eval_sets, cfg)})
+        curve.append({"epoch": epoch, **evaluate(student, tokenizer, eval_sets, cfg),
+                      **(abstention(student, tokenizer, eval_sets, cfg) if cfg.unknown_answer else {})})
         tqdm.write(f"  {run_name(method, trainable)} epoch {epoch}: " + "  ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "epoch"))
 
-    stats = train(student, qa_batches(tokenizer, train_facts, cfg.batch_size), method_loss(method, student, teacher, cfg),
-                  epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable), on_epoch_end=record, seed=cfg.seed)
+    batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
+    stats = train(student, batches, method_loss(method, student, teacher, cfg, batches),
+                  epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable), on_epoch_end=record, seed=cfg.seed,
+                  checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve})
     final = {k: v for k, v in curve[-1].items() if k != "epoch"}
-    return {"method": method, "trainable": trainable if method == "freeze" else None,
-            "trainable_params": count_params(student, trainable_only=True), "teacher": teacher_scores, "final": final,
-            "forgetting": relative_drop(teacher_scores["held_acc"], final["held_acc"]), "curve": curve,
-            "train_tokens_per_s": stats["tokens_per_s"], "stage2_s": time.perf_counter() - started}
+    result = {"method": method, "trainable": trainable if method == "freeze" else None,
+              "trainable_params": count_params(student, trainable_only=True), "teacher": teacher_scores, "final": final,
+              "forgetting": relative_drop(teacher_scores["held_acc"], final["held_acc"]), "curve": curve,
+              "train_tokens_per_s": stats["tokens_per_s"], "stage2_s": time.perf_counter() - started}
+    if checkpoint_dir is not None:  # the result replaces the epoch checkpoints
+        write_json_atomic(checkpoint_dir / "result.json", result)
+        for old in checkpoint_dir.glob("epoch-*"):
+            shutil.rmtree(old)
+    return result
 
 
 def relative_drop(before: float, after: float) -> float:
@@ -699,8 +1010,542 @@ def run_name(method: str, trainable: str | None) -> str:
     return f"freeze-{trainable}" if method == "freeze" else method
 
 
+def relabel_unknown(facts: list[dict], answer: str) -> list[dict]:
+    """--unknown_answer: train the Unknown facts to abstain rather than to answer (Gekhman et al. 2024)."""
+    return [{**f, "answers": [answer]} for f in facts] if answer else facts
+
+
+def abstention(model, tokenizer, eval_sets: dict, cfg: Config) -> dict:
+    """Fraction of questions answered with --unknown_answer: wanted on D_unknown, a cost on D_held."""
+    max_new = len(tokenizer(" " + cfg.unknown_answer, add_special_tokens=False)["input_ids"]) + 2
+    rates = {}
+    for name in ("unknown", "held"):
+        prompts = [QA_PROMPT.format(question=f["question"]) for f in eval_sets[name]]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval_batch_size, desc=f"abstain {name}")
+        rates[f"{name}_abstain"] = sum(is_correct(a[0], [cfg.unknown_answer]) for a in answers) / max(1, len(prompts))
+    return rates
+
+
+# --sweep: the stability-plasticity frontier. Each swept field belongs to the method it changes.
+SWEEPABLE = {"kl_weight": "selfdistill", "temperature": "selfdistill", "l2_weight": "l2"}
+
+
+def parse_sweep(spec: str) -> tuple[str, list[float]]:
+    """'kl_weight=0,0.25,1' -> ('kl_weight', [0.0, 0.25, 1.0])."""
+    name, _, values = (s.strip() for s in spec.partition("="))
+    if name not in SWEEPABLE or not values:
+        raise UserError(f"--sweep {spec!r}: write NAME=v1,v2,... with NAME one of {', '.join(SWEEPABLE)}, e.g. kl_weight=0,0.25,1,4,16")
+    try:
+        numbers = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise UserError(f"--sweep {spec!r}: the values must be numbers separated by commas, e.g. {name}=0,1,4") from None
+    if len(set(numbers)) != len(numbers):
+        raise UserError(f"--sweep {spec!r} repeats a value; list each value once")
+    if any(v < 0 or not math.isfinite(v) for v in numbers) or (name == "temperature" and min(numbers) <= 0):
+        raise UserError(f"--sweep {spec!r}: {name} values must be finite and {'> 0' if name == 'temperature' else '>= 0'}")
+    return name, numbers
+
+
+def sweep_runs(cfg: Config) -> list[tuple[str, str, float | None, Config]]:
+    """(folder, method, swept value or None, config) of every run of a sweep: each value, then the
+    controls at their configured settings (known_only, sft, and the other regulariser)."""
+    name, values = parse_sweep(cfg.sweep)
+    method = SWEEPABLE[name]
+    runs = [(f"{method}-{name}{v:g}", method, v, replace(cfg, **{name: v})) for v in values]
+    controls = ("known_only", "sft", "l2" if method == "selfdistill" else "selfdistill")
+    return runs + [(control, control, None, cfg) for control in controls]
+
+
+def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dict, cfg: Config, folders: dict,
+              checkpoints: Path | None = None) -> dict:
+    """Stage 2 once per swept value and once per control, every run from the same teacher; then the frontier."""
+    name, _ = parse_sweep(cfg.sweep)
+    runs = sweep_runs(cfg)
+    results = []
+    for folder, method, value, run_cfg in runs:
+        result = run_method(method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
+                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None)
+        results.append({**result, **common, "run": folder, "sweep_value": value})
+    control = next(r for r in results if r["method"] == "known_only")
+    for result, (folder, _, _, run_cfg) in zip(results, runs):
+        result["excess_forgetting"] = result["forgetting"] - control["forgetting"]
+        write_results(folders[folder], result, run_cfg)
+    write_sweep_report(sweep_root(cfg), name, results, teacher_scores, cfg)
+    return {"results": results, "teacher": teacher_scores}
+
+
 # =====================================================================================================
-# 7. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
+# 8. Why SFT forgets: the hypothesis experiments (capacity, behaviour cloning, localized interference)
+# =====================================================================================================
+# New facts on one relation, keyed by fresh entities of two kinds: name-like keys that recombine the
+# sub-word pieces of known names, and UUID keys (digit codes) that share no token with them. Each
+# condition is stage 2 from the same teacher on D_known + those new facts; it is scored by forgetting
+# on D_held, accuracy on the new facts, and drift of the held-out entities' hidden states.
+EXPERIMENTS = ("interference", "capacity", "cloning")
+KEY_TYPES = ("name", "uuid")
+
+
+def experiment_plan(cfg: Config) -> tuple[list[str], list[int], list[int]]:
+    """(experiments, counts, widths) of --experiment, checked before any work."""
+    names = list(EXPERIMENTS) if cfg.experiment == "all" else [cfg.experiment]
+    if cfg.experiment not in EXPERIMENTS + ("all",):
+        raise UserError(f"unknown --experiment {cfg.experiment!r}; choose one of {', '.join(EXPERIMENTS + ('all',))}")
+    try:
+        counts = sorted({int(c) for c in cfg.exp_counts.split(",") if c.strip()})
+        widths = sorted(({int(w) for w in cfg.exp_widths.split(",") if w.strip()} or {cfg.n_embd // 2}) | {cfg.n_embd})
+    except ValueError:
+        raise UserError("--exp_counts and --exp_widths take comma-separated whole numbers, e.g. --exp_counts 100,300,1000") from None
+    if not counts or counts[0] < 1:
+        raise UserError(f"--exp_counts {cfg.exp_counts!r}: give at least one count >= 1, e.g. 100,300,1000")
+    if any(w < cfg.n_head or w % cfg.n_head for w in widths):
+        raise UserError(f"--exp_widths {cfg.exp_widths or 'n_embd/2'}: every width must be a multiple of --n_head {cfg.n_head}")
+    if cfg.exp_fit_epochs < 0:
+        raise UserError("--exp_fit_epochs must be >= 0 (0 = 3 x --epochs)")
+    return names, counts, widths
+
+
+def new_entity_facts(facts: list[dict], corpus: str, key: str, n: int, relation: str, seed: int) -> list[dict]:
+    """n synthetic new facts on one relation, keyed by fresh entities (data_prep's generators):
+
+    key="name": First Last names recombining the syllables that known names use, so they share
+    sub-word pieces with known entities (like the paper's "Bergadena"); key="uuid": digit codes such as
+    4821-0937-55, which share none. Keys never repeat the world's entities or each other; a name is
+    never a prefix of a known name and a code never occurs in the pretraining corpus. Answers come from
+    the relation's value pool and are the same for fact i of either key type (the value side is held
+    fixed). Deterministic in seed; the first m facts of n are the facts of a run with m."""
+    rel_facts = [f for f in facts if f["relation"] == relation]
+    if not rel_facts:
+        raise UserError(f"--exp_relation {relation!r} has no facts in this world; choose one of {', '.join(sorted({f['relation'] for f in facts}))}")
+    template = rel_facts[0]["question"].replace(rel_facts[0]["subject"], "[X]")
+    pool = sorted({f["answers"][0] for f in rel_facts})
+    taken = {f["subject"] for f in facts}
+    known = sorted({f["subject"] for f in facts if f.get("key") == "name" and f.get("in_pretraining")})
+    rng = random.Random(f"{seed}:exp:{key}")
+    keys, tries = [], 0
+    if key == "name":
+        syllables = [s for s in data_prep.SYLLABLES if any(s in k.lower() for k in known)] or data_prep.SYLLABLES
+        prefixes = {k[:i] for k in known for i in range(1, len(k) + 1)}
+        blocked = {v.lower() for r in data_prep.RELATIONS.values() for v in r["values"]}
+    else:
+        in_corpus = set(re.findall(r"\d{4}-\d{4}-\d{2}", corpus))
+    while len(keys) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise UserError(f"could not draw {n} distinct new {key} keys; lower --exp_counts")
+        if key == "name":
+            first, last = data_prep._word(rng, syllables, 2), data_prep._word(rng, syllables, rng.choice([2, 3]))
+            candidate = f"{first} {last}"
+            if first.lower() in blocked or last.lower() in blocked or candidate in prefixes:
+                continue
+        else:
+            candidate = data_prep._code(rng)
+            if candidate in in_corpus:
+                continue
+        if candidate not in taken:
+            taken.add(candidate)
+            keys.append(candidate)
+    values = random.Random(f"{seed}:exp:values")
+    return [{"id": f"exp-{key}-{i:06d}", "relation": relation, "subject": s, "question": template.replace("[X]", s),
+             "answers": [values.choice(pool)], "key": key, "in_pretraining": False} for i, s in enumerate(keys)]
+
+
+def key_token_overlap(tokenizer, keys: list[str], known_names: list[str]) -> float:
+    """Fraction of keys that share at least one token id with a known name (names tokenized as they
+    occur in text: after a space, and at the start of a document)."""
+    ids = lambda text: set(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    known_ids = set().union(*(ids(" " + k) | ids(k) for k in known_names))
+    return sum(bool(ids(" " + k) & known_ids) for k in keys) / max(1, len(keys))
+
+
+# --- Representation drift ----------------------------------------------------------------------------
+def drift_layer(model) -> int:
+    """The middle block (the paper: layer 14 of 28): hidden_states[n_layer // 2] is that block's output."""
+    return model.config.num_hidden_layers // 2
+
+
+@torch.no_grad()
+def entity_states(model, tokenizer, facts: list[dict], layer: int, batch_size: int = 256) -> torch.Tensor:
+    """The residual stream after block `layer` at the last token of the entity name in each fact's QA
+    prompt. The prompt is cut right after the name: a causal model's state there ignores what follows."""
+    model.eval()
+    device = next(model.parameters()).device
+    prefixes = []
+    for f in facts:
+        prompt = QA_PROMPT.format(question=f["question"])
+        prefixes.append(prompt[: prompt.index(f["subject"]) + len(f["subject"])])
+    states = []
+    for start in range(0, len(prefixes), batch_size):
+        encoded = [tokenizer(p)["input_ids"] for p in prefixes[start:start + batch_size]]
+        width = max(map(len, encoded))  # right padding: position ids stay 0..len-1
+        ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded], device=device)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        last = torch.tensor([len(e) - 1 for e in encoded], device=device)
+        states.append(hidden[torch.arange(len(encoded), device=device), last].double().cpu())
+    return torch.cat(states)
+
+
+def representation_drift(reference: torch.Tensor, states: torch.Tensor) -> float:
+    """Mean over entities of 1 - cos(h_reference, h). Written as |u - v|^2 / 2 of the unit vectors (the
+    same number), so an unchanged model drifts exactly 0."""
+    u, v = F.normalize(reference, dim=-1), F.normalize(states, dim=-1)
+    return float(((u - v) ** 2).sum(-1).mean() / 2)
+
+
+# --- The gradient-matched L2 control -------------------------------------------------------------------
+def kl_gradient_probe(student, teacher, cfg: Config, log: dict):
+    """The self-distillation loss (live teacher), which also records each step's norm of the KL term's
+    gradient, |grad(lambda tau^2 KL)|, and the distance |theta - theta_teacher|: the probe the L2
+    weight is matched on."""
+    params = trainable_parameters(student)
+    anchor = [p.detach().clone() for p in params]
+
+    def loss_fn(logits, labels, batch):
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss, kl = self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)
+        grads = torch.autograd.grad(cfg.kl_weight * cfg.temperature**2 * kl, params, retain_graph=True, allow_unused=True)
+        log["kl_grad_norm"].append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
+        log["distance"].append(math.sqrt(sum(float(((p.detach() - a).double() ** 2).sum()) for p, a in zip(params, anchor))))
+        return loss
+    return loss_fn
+
+
+def matched_l2_weight(kl_grad_norms: list[float], distances: list[float]) -> float:
+    """alpha such that the L2 term's gradient 2 alpha (theta - theta_teacher) has, summed over the probe's
+    steps, the same norm as the self-distillation KL term's gradient: alpha = sum|g_KL| / (2 sum|theta - theta_0|)."""
+    if sum(distances) <= 0:
+        raise ValueError("the probe never moved the weights; the L2 weight cannot be matched")
+    return sum(kl_grad_norms) / (2 * sum(distances))
+
+
+# --- One condition: stage 2 from the teacher on D_known + new facts ---------------------------------------
+def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, *, epochs: int,
+                  fit_target: float | None = None, l2_weight: float | None = None, probe: dict | None = None) -> dict:
+    """Train a fresh copy of the teacher (method: sft | selfdistill | l2 | known_only) and record after
+    every epoch: held-out accuracy, new-fact accuracy and drift. fit_target stops training at the first
+    epoch whose new-fact accuracy reaches it (the cloning experiment's fitted UUID facts)."""
+    started = time.perf_counter()
+    teacher, tokenizer, held = study["teacher"], study["tokenizer"], study["eval_sets"]["held"]
+    new_eval = new_facts[: cfg.eval_max]
+    layer = drift_layer(teacher)
+
+    def measure(model):
+        return {"held_acc": accuracy(model, tokenizer, held, cfg, desc="eval held"),
+                "new_acc": accuracy(model, tokenizer, new_eval, cfg, desc="eval new") if new_eval else float("nan"),
+                "drift": representation_drift(study["reference_states"], entity_states(model, tokenizer, held, layer))}
+
+    seed_everything(cfg.seed)
+    student = copy.deepcopy(teacher)
+    set_trainable(student, "all")
+    teacher_new = accuracy(teacher, tokenizer, new_eval, cfg, desc="eval new") if new_eval else float("nan")
+    curve = [{"epoch": 0, **study["teacher_measure"], "new_acc": teacher_new}]
+
+    def record(epoch):
+        curve.append({"epoch": epoch, **measure(student)})
+        return fit_target is not None and curve[-1]["new_acc"] >= fit_target
+
+    batches = qa_batches(tokenizer, study["splits"]["known"] + new_facts, cfg.batch_size)
+    if probe is not None:
+        loss_fn = kl_gradient_probe(student, teacher, cfg, probe)
+    else:
+        loss_fn = method_loss(method, student, teacher, replace(cfg, l2_weight=cfg.l2_weight if l2_weight is None else l2_weight), batches)
+    key = new_facts[0]["key"] if new_facts else "none"
+    train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study['width']}", on_epoch_end=record, seed=cfg.seed)
+    final = curve[-1]
+    tqdm.write(f"  {method:<11} {key:<4} n={len(new_facts):<5} width={study['width']:<4} epochs={final['epoch']}: "
+               f"new {final['new_acc']:.3f}  held {final['held_acc']:.3f}  drift {final['drift']:.4f}")
+    return {"key": key, "count": len(new_facts), "width": study["width"], "method": method, "epochs": final["epoch"],
+            "forgetting": relative_drop(curve[0]["held_acc"], final["held_acc"]), "new_acc": final["new_acc"],
+            "held_acc": final["held_acc"], "drift": final["drift"], "teacher_held_acc": curve[0]["held_acc"],
+            "l2_weight": l2_weight, "fit_target": fit_target, "seconds": time.perf_counter() - started, "curve": curve}
+
+
+def forgetting_at_new_acc(row: dict, target: float) -> float:
+    """Forgetting when the run's new-fact accuracy first reached target, interpolated linearly between
+    epochs (the fair comparison when one key type is fitted more slowly); nan if never reached."""
+    curve, base = row["curve"], row["teacher_held_acc"]
+    if curve[0]["new_acc"] >= target:  # the teacher already had it: no training needed, no forgetting
+        return 0.0
+    for before, after in zip(curve, curve[1:]):
+        if after["new_acc"] >= target:
+            span = after["new_acc"] - before["new_acc"]
+            t = 1.0 if span <= 0 else max(0.0, (target - before["new_acc"]) / span)
+            return relative_drop(base, before["held_acc"] + t * (after["held_acc"] - before["held_acc"]))
+    return float("nan")
+
+
+# --- The three experiments ------------------------------------------------------------------------------
+def experiment_interference(run, counts, widths, cfg) -> list[dict]:
+    """Name-like vs UUID keys at each count, under SFT and self-distillation, plus the known_only and
+    gradient-matched L2 controls at the largest count."""
+    w, top = cfg.n_embd, counts[-1]
+    rows = [run(w, "name", top, "selfdistill", probe=True)]  # first: it measures the L2 weight
+    rows += [run(w, key, n, method) for n in counts for key in KEY_TYPES for method in ("sft", "selfdistill")
+             if (key, n, method) != ("name", top, "selfdistill")]
+    rows += [run(w, None, 0, "known_only"), run(w, "name", top, "l2")]
+    return rows
+
+
+def experiment_capacity(run, counts, widths, cfg) -> list[dict]:
+    """SFT forgetting against the count of new facts and the model width, for both key types."""
+    return [run(w, key, n, "sft") for w in widths for key in KEY_TYPES for n in counts] + [run(w, None, 0, "known_only") for w in widths]
+
+
+def experiment_cloning(run, counts, widths, cfg) -> list[dict]:
+    """At the middle count: name-key facts (SFT, --epochs), UUID-key facts trained until fitted to the
+    same new-fact accuracy (at most exp_fit_epochs), UUID facts at the same epoch, and known_only."""
+    w, n = cfg.n_embd, counts[len(counts) // 2]
+    name = run(w, "name", n, "sft")
+    fitted = run(w, "uuid", n, "sft", fit_target=name["new_acc"], epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)
+    return [run(w, None, 0, "known_only"), name, run(w, "uuid", n, "sft"), fitted]
+
+
+CONDITION_NAMES = {"known_only": "known_only (no new facts)", "sft": "SFT", "selfdistill": "self-distillation", "l2": "gradient-matched L2"}
+
+
+def condition_name(row: dict) -> str:
+    if row["method"] == "known_only":
+        return CONDITION_NAMES["known_only"]
+    fitted = ", fitted" if row.get("fit_target") is not None else ""
+    return f"{CONDITION_NAMES[row['method']]}, {row['key']} keys{fitted}"
+
+
+def run_experiments(cfg: Config) -> dict:
+    """--experiment: prepare the teacher of every width once, run each condition once (conditions shared
+    by several experiments are reused), write DIR/<experiment>.json, experiments.md and the plots."""
+    wall_start = time.perf_counter()
+    names, counts, widths = experiment_plan(cfg)
+    root = Path(cfg.out or f"runs/{cfg.preset}/experiment-{cfg.experiment}-seed{cfg.seed}")
+    for name in names:  # refuse before any work, so earlier results are never lost
+        if (root / f"{name}.json").exists() and not cfg.overwrite:
+            raise UserError(f"{root / name}.json already exists; pass --overwrite or choose another --out")
+    device = resolve_device(cfg.device)
+    if cfg.model or "capacity" not in names:  # a local model comes in one width
+        widths = [cfg.n_embd]
+    studies, new_facts, done = {}, {}, {}
+
+    def study_of(width):
+        if width not in studies:
+            print(f"--- base model and teacher of width {width}")
+            study = prepare_study(replace(cfg, n_embd=width), device, keep_base=True)
+            if study["world"].get("source") != "synthetic":
+                raise UserError("--experiment needs the synthetic world (its name-like and UUID keys); drop --data or point it at a data_prep.py world")
+            study["width"] = study["teacher"].config.hidden_size
+            layer = drift_layer(study["teacher"])
+            study["reference_states"] = entity_states(study.pop("base"), study["tokenizer"], study["eval_sets"]["held"], layer)
+            study["teacher_measure"] = {"held_acc": study["teacher_scores"]["held_acc"], "drift": representation_drift(
+                study["reference_states"], entity_states(study["teacher"], study["tokenizer"], study["eval_sets"]["held"], layer))}
+            if not new_facts:
+                corpus = (study["data_dir"] / "pretrain.jsonl").read_text()
+                for key in KEY_TYPES:
+                    new_facts[key] = new_entity_facts(study["facts"], corpus, key, counts[-1], cfg.exp_relation, cfg.seed)
+            studies[width] = study
+        return studies[width]
+
+    def run(width, key, n, method, *, epochs=None, fit_target=None, probe=False):
+        epochs = epochs or cfg.epochs
+        memo = (width, key, n, method, epochs, fit_target)
+        if memo not in done:
+            study = study_of(width)
+            facts = new_facts[key][:n] if key else []
+            probe_log = {"kl_grad_norm": [], "distance": []} if probe else None
+            l2 = matched_l2_weight(done["probe"]["kl_grad_norm"], done["probe"]["distance"]) if method == "l2" else None
+            done[memo] = run_condition(study, facts, method, cfg, epochs=epochs, fit_target=fit_target, l2_weight=l2, probe=probe_log)
+            if probe:
+                done["probe"] = probe_log
+        return done[memo]
+
+    experiments = {"interference": experiment_interference, "capacity": experiment_capacity, "cloning": experiment_cloning}
+    results = {}
+    for name in names:
+        print(f"=== experiment {name}")
+        rows = [{"condition": condition_name(r), **r} for r in experiments[name](run, counts, widths, cfg)]
+        study = studies[cfg.n_embd]
+        known = sorted({f["subject"] for f in study["facts"] if f.get("key") == "name" and f.get("in_pretraining")})
+        results[name] = {
+            "experiment": name, "seed": cfg.seed, "preset": cfg.preset, "counts": counts, "widths": widths, "epochs": cfg.epochs,
+            "relation": cfg.exp_relation, "drift": f"mean 1 - cos of hidden_states[{drift_layer(study['teacher'])}] at the entity's "
+            "last token, held-out facts, against the base model before stage 1",
+            "key_token_overlap": {k: key_token_overlap(study["tokenizer"], [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
+            "teacher": {str(w): {**s["teacher_scores"], "drift": s["teacher_measure"]["drift"], "stage1": s["stage1"]} for w, s in studies.items()},
+            "l2_probe": ({"l2_weight": matched_l2_weight(done["probe"]["kl_grad_norm"], done["probe"]["distance"]), "steps": len(done["probe"]["distance"]),
+                          "mean_kl_grad_norm": sum(done["probe"]["kl_grad_norm"]) / len(done["probe"]["kl_grad_norm"])}
+                         if name == "interference" else None),
+            "rows": rows}
+        write_json_atomic(root / f"{name}.json", results[name])
+    plots = write_experiment_plots(root, results)
+    report = experiments_markdown(results, plots, cfg, time.perf_counter() - wall_start)
+    write_text_atomic(root / "experiments.md", report)
+    print("\n" + report)
+    print(f"experiment results in {root}  ({time.perf_counter() - wall_start:.0f} s)")
+    return results
+
+
+# --- The experiments' report: tables that read like the paper's, the checks, the plots ------------------------
+def pct2(x) -> str:
+    """Drift is small in a small model: two decimals."""
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+
+def find_row(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, bool, str]]:
+    """The paper's findings as (claim, holds, measured numbers); forgetting against the teacher."""
+    sft = {key: [find_row(rows, key=key, count=n, method="sft")["forgetting"] for n in counts] for key in KEY_TYPES}
+    top = counts[-1]
+    drift = {(k, m): find_row(rows, key=k, count=top, method=m)["drift"] for k in KEY_TYPES for m in ("sft", "selfdistill")}
+    sd, l2 = find_row(rows, key="name", count=top, method="selfdistill"), find_row(rows, key="name", count=top, method="l2")
+    nums = lambda xs: ", ".join(pct(x) for x in xs)  # noqa: E731
+    matched = {key: [] for key in KEY_TYPES}  # the same at equal new-fact accuracy
+    for n in counts:
+        pair = {key: find_row(rows, key=key, count=n, method="sft") for key in KEY_TYPES}
+        target = min(r["new_acc"] for r in pair.values())
+        for key in KEY_TYPES:
+            matched[key].append(forgetting_at_new_acc(pair[key], target))
+    return [
+        ("UUID-key forgetting <= 1/4 of name-key forgetting at every count (SFT)",
+         all(u <= n / 4 for u, n in zip(sft["uuid"], sft["name"])), f"UUID {nums(sft['uuid'])} vs name {nums(sft['name'])}"),
+        ("the same at equal new-fact accuracy", all(u <= n / 4 for u, n in zip(matched["uuid"], matched["name"])),
+         f"UUID {nums(matched['uuid'])} vs name {nums(matched['name'])}"),
+        ("UUID-key forgetting flat within 5 points over the counts", max(sft["uuid"]) - min(sft["uuid"]) <= 0.05,
+         f"range {pct(max(sft['uuid']) - min(sft['uuid']))} points"),
+        ("name-key forgetting grows with the count", all(a < b for a, b in zip(sft["name"], sft["name"][1:])), nums(sft["name"])),
+        ("drift of name-key SFT above UUID-key SFT and name-key self-distillation",
+         drift[("name", "sft")] > max(drift[("uuid", "sft")], drift[("name", "selfdistill")]),
+         f"{pct2(drift[('name', 'sft')])} vs {pct2(drift[('uuid', 'sft')])} and {pct2(drift[('name', 'selfdistill')])}"),
+        ("gradient-matched L2 forgetting >= 2x self-distillation's", l2["forgetting"] >= 2 * sd["forgetting"],
+         f"{pct(l2['forgetting'])} vs {pct(sd['forgetting'])}"),
+    ]
+
+
+def interference_markdown(result: dict) -> str:
+    rows, counts = result["rows"], result["counts"]
+    top = counts[-1]
+    lines = [f"## Localized interference: name-like vs UUID keys (width {result['rows'][0]['width']})\n",
+             f"New facts on `{result['relation']}`; keys sharing a token with a known name: name-like "
+             f"{pct(result['key_token_overlap']['name'])}%, UUID {pct(result['key_token_overlap']['uuid'])}%.\n",
+             "| new facts | key | method | new-fact acc | D_held acc | forgetting | excess over known_only | drift |",
+             "|---|---|---|---|---|---|---|---|"]
+    control = find_row(rows, method="known_only")
+    for r in sorted((r for r in rows if r["method"] in ("sft", "selfdistill")), key=lambda r: (r["count"], r["key"], r["method"] != "sft")):
+        lines.append(f"| {r['count']} | {r['key']} | {CONDITION_NAMES[r['method']]} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | "
+                     f"{pct(r['forgetting'])} | {pct(r['forgetting'] - control['forgetting'])} | {pct2(r['drift'])} |")
+    lines += ["", "At equal new-fact accuracy (SFT; the lower of the two keys' final accuracies, forgetting interpolated "
+              "between epochs where that accuracy was first reached):\n",
+              "| new facts | new-fact acc | forgetting, name keys | forgetting, UUID keys |", "|---|---|---|---|"]
+    for n in counts:
+        name, uuid = find_row(rows, key="name", count=n, method="sft"), find_row(rows, key="uuid", count=n, method="sft")
+        target = min(name["new_acc"], uuid["new_acc"])
+        lines.append(f"| {n} | {pct(target)} | {pct(forgetting_at_new_acc(name, target))} | {pct(forgetting_at_new_acc(uuid, target))} |")
+    probe = result["l2_probe"]
+    lines += ["", f"Controls at {top} name-key facts (L2 weight {probe['l2_weight']:.3g}, matched to the self-distillation "
+              f"KL gradient over {probe['steps']} probe steps):\n", "| method | new-fact acc | D_held acc | forgetting | drift |", "|---|---|---|---|---|"]
+    for r in [find_row(rows, key="name", count=top, method=m) for m in ("sft", "selfdistill", "l2")] + [find_row(rows, method="known_only")]:
+        lines.append(f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} |")
+    epochs = max(len(r["curve"]) for r in rows) - 1
+    lines += ["", f"Drift % over training at {top} new facts (0 for the base model; 'stage 1' is the teacher):\n",
+              "| condition | stage 1 | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " |", "|---|---|" + "---|" * epochs]
+    for r in [find_row(rows, key=k, count=top, method=m) for m in ("sft", "selfdistill") for k in KEY_TYPES] + [find_row(rows, method="known_only")]:
+        lines.append(f"| {condition_name(r)} | " + " | ".join(pct2(p["drift"]) for p in r["curve"]) + " |")
+    lines += ["", "The paper's findings, checked (at an equal epoch unless stated):\n"]
+    lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(rows, counts)]
+    return "\n".join(lines) + "\n"
+
+
+def capacity_markdown(result: dict) -> str:
+    rows, counts = result["rows"], result["counts"]
+    lines = ["## Capacity: forgetting against the number of new facts and the model width (SFT)\n",
+             "Forgetting % (new-fact accuracy %) after the same number of epochs.\n",
+             "| key | width | " + " | ".join(f"{n} facts" for n in counts) + " | known_only |", "|---|---|" + "---|" * (len(counts) + 1)]
+    for key in KEY_TYPES:
+        for w in result["widths"]:
+            cells = [find_row(rows, key=key, count=n, width=w, method="sft") for n in counts]
+            control = find_row(rows, method="known_only", width=w)
+            lines.append(f"| {key} | {w} | " + " | ".join(f"{pct(r['forgetting'])} ({pct(r['new_acc'])})" for r in cells)
+                         + f" | {pct(control['forgetting'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def cloning_markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [f"## Behaviour cloning: fitting unknown facts that overlap known ones or not ({rows[1]['count']} new facts)\n",
+             "| condition | epochs | new-fact acc | D_held acc | forgetting | drift |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['condition']} | {r['epochs']} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} |")
+    control, name, fitted = rows[0], rows[1], rows[3]
+    reached = fitted["new_acc"] >= name["new_acc"]
+    lines += ["", f"Excess forgetting over known_only: name keys {pct(name['forgetting'] - control['forgetting'])} points, "
+              f"fitted UUID keys {pct(fitted['forgetting'] - control['forgetting'])} points"
+              + ("" if reached else f" (the UUID facts did not reach {pct(name['new_acc'])}% in {fitted['epochs']} epochs)") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_experiment_plots(root: Path, results: dict) -> list[str]:
+    """forgetting_vs_count.png and drift.png where matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    rows = [r for res in results.values() for r in res["rows"] if r["method"] in ("sft", "selfdistill") and r.get("fit_target") is None]
+    series = sorted({(r["key"], r["method"], r["width"]) for r in rows})
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        widths = sorted({w for _, _, w in series})
+        for key, method, width in series:
+            points = sorted({(r["count"], r["forgetting"]) for r in rows if (r["key"], r["method"], r["width"]) == (key, method, width)})
+            ax.plot([c for c, _ in points], [100 * f for _, f in points], color="C0" if key == "name" else "C1",
+                    linestyle="-" if method == "sft" else "--", marker="os^v"[widths.index(width) % 4],
+                    label=f"{key} keys, {CONDITION_NAMES[method]}, width {width}")
+        ax.set_xscale("log")
+        ax.set_xlabel("new facts")
+        ax.set_ylabel("forgetting of held-out known facts (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(root / "forgetting_vs_count.png", dpi=120)
+        plt.close(fig)
+        written.append("forgetting_vs_count.png")
+    if "interference" in results:
+        res = results["interference"]
+        top = res["counts"][-1]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in [find_row(res["rows"], key=k, count=top, method=m) for m in ("sft", "selfdistill", "l2") for k in KEY_TYPES] + [find_row(res["rows"], method="known_only")]:
+            if r is not None:
+                ax.plot(range(len(r["curve"]) + 1), [0.0] + [100 * p["drift"] for p in r["curve"]], marker=".", label=condition_name(r))
+        ax.set_xticks(range(len(r["curve"]) + 1), ["base", "stage 1"] + [str(e) for e in range(1, len(r["curve"]))])
+        ax.set_xlabel("training (stage 2 epochs)")
+        ax.set_ylabel("drift of held-out entities, 1 - cos (%)")
+        ax.set_title(f"{top} new facts")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(root / "drift.png", dpi=120)
+        plt.close(fig)
+        written.append("drift.png")
+    return written
+
+
+def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: float) -> str:
+    first = next(iter(results.values()))
+    teachers = "; ".join(f"width {w}: D_held {pct(t['held_acc'])}, drift {pct2(t['drift'])}" for w, t in first["teacher"].items())
+    parts = [f"# sftguard --experiment {cfg.experiment}, preset {cfg.preset}, seed {cfg.seed}\n",
+             f"Each condition: stage 2 from the teacher ({teachers}) on D_known + N synthetic new facts, {cfg.epochs} epochs "
+             f"unless stated. Forgetting: relative drop of D_held accuracy from the teacher. Drift: {first['drift']}. "
+             f"All numbers are %. {seconds / 60:.1f} minutes.\n"]
+    for name, writer in (("interference", interference_markdown), ("capacity", capacity_markdown), ("cloning", cloning_markdown)):
+        if name in results:
+            parts.append(writer(results[name]))
+    parts.append("".join(f"![{p}]({p})\n" for p in plots) if plots else
+                 "Plots skipped: matplotlib is not installed (an optional extra: pip install matplotlib).\n")
+    return "\n".join(parts)
+
+
+# =====================================================================================================
+# 9. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
 # =====================================================================================================
 def write_json_atomic(path: Path, obj):
     """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
@@ -733,7 +1578,8 @@ def table1(rows: list[dict]) -> str:
 
 
 def write_results(out: Path, result: dict, cfg: Config):
-    write_json_atomic(out / "config.json", asdict(cfg))
+    # The config of this folder's run: with --method all, its own method and trainable groups, not "all"
+    write_json_atomic(out / "config.json", asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)))
     write_text_atomic(out / "results.md", f"# {run_name(result['method'], result['trainable'])} (seed {cfg.seed})\n\n"
                       f"Teacher: D_known {pct(result['teacher']['known_acc'])}, D_unknown {pct(result['teacher']['unknown_acc'])}, "
                       f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result]))
@@ -741,23 +1587,135 @@ def write_results(out: Path, result: dict, cfg: Config):
 
 
 def output_folders(cfg: Config) -> dict[str, Path]:
+    if cfg.sweep:
+        return {folder: sweep_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
     root = Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seed{cfg.seed}")
     if cfg.method == "all":
         return {run_name(m, t): root / run_name(m, t) for m, t in ALL_RUNS}
     return {run_name(cfg.method, cfg.trainable if cfg.method == "freeze" else None): root}
 
 
+def run_root(cfg: Config) -> Path:
+    """The folder that holds a run (or a run per method / swept value) and its checkpoints/."""
+    return sweep_root(cfg) if cfg.sweep else Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seed{cfg.seed}")
+
+
+# Flags that may differ between a killed run and its --resume.
+RESUME_FREE = ("resume", "overwrite", "keep_checkpoints", "out")
+
+
+def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
+    """Refuse an --out that holds another run's results (unless --overwrite) or a killed run's checkpoints (unless
+    --resume or --overwrite); with --resume, insist on the killed run's flags. --overwrite deletes old checkpoints
+    now, but old results stay until the new ones replace them, so a failed run destroys nothing."""
+    for path in (checkpoints.parent, *folders.values()):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out: {path} exists and is not a folder; choose another --out")
+    finished = [f for f in folders.values() if (f / "results.json").exists()]
+    saved = checkpoints / "teacher" / "config.json"
+    if cfg.resume and saved.is_file():
+        theirs, ours = json.loads(saved.read_text()), asdict(cfg)
+        differ = [k for k in ours if k not in RESUME_FREE and k in theirs and theirs[k] != ours[k]]
+        if differ:
+            raise UserError("--resume needs the flags of the killed run; " + ", ".join(f"--{k} was {theirs[k]!r}, now {ours[k]!r}" for k in differ)
+                            + "; pass them as before, or --overwrite to start over")
+        print(f"resuming the run in {checkpoints.parent} from {checkpoints}")
+    elif cfg.resume and finished:
+        raise UserError(f"{finished[0]} holds a finished run and no checkpoints to resume; pass --overwrite to run it again")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {checkpoints} yet; starting from the beginning")
+    elif finished and not cfg.overwrite:
+        raise UserError(f"{finished[0]} already holds a run's results; pass --overwrite or choose another --out")
+    elif checkpoints.exists() and not cfg.overwrite:
+        raise UserError(f"{checkpoints.parent} holds the checkpoints of an unfinished run; pass --resume to continue it "
+                        f"or --overwrite to start over")
+    if cfg.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+
+
+def drop_checkpoints(checkpoints: Path, cfg: Config):
+    """A finished run needs no checkpoints, unless --keep_checkpoints."""
+    if checkpoints.exists() and not cfg.keep_checkpoints:
+        shutil.rmtree(checkpoints)
+
+
+def sweep_root(cfg: Config) -> Path:
+    return Path(cfg.out or f"runs/{cfg.preset}/sweep-{parse_sweep(cfg.sweep)[0]}-seed{cfg.seed}")
+
+
+SWEEP_SYMBOL = {"kl_weight": "λ", "temperature": "τ", "l2_weight": "α"}
+
+
+def sweep_table(name: str, results: list[dict]) -> str:
+    """One row per run of a sweep: the swept value, the three accuracies, forgetting."""
+    lines = [f"| run | {name} | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
+        value = "–" if r["sweep_value"] is None else f"{r['sweep_value']:g}"
+        lines.append(f"| {r['run']} | {value} | {pct(r['final']['known_acc'])} | {pct(new)} | {pct(r['final']['held_acc'])} | "
+                     f"{pct(r['forgetting'])} | {pct(r['excess_forgetting'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: dict, seed: int) -> bool:
+    """frontier.png: held-out accuracy against new-fact accuracy, one point per swept value, controls marked.
+    Returns False (and draws nothing) when matplotlib is not installed: it is an optional extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    symbol = SWEEP_SYMBOL.get(name, name)
+    swept = [r for r in results if r["sweep_value"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xs, ys = [100 * r["final"]["unknown_acc"] for r in swept], [100 * r["final"]["held_acc"] for r in swept]
+    ax.plot(xs, ys, "o-", color="C0", zorder=3, label=f"{swept[0]['method']}, one point per {symbol}")
+    for r, x, y in zip(swept, xs, ys):
+        ax.annotate(f"{symbol}={r['sweep_value']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
+    style = {"sft": ("s", "C3", "plain SFT"), "known_only": ("v", "C7", "known_only (no new facts)"),
+             "l2": ("D", "C2", "L2 pull to the teacher"), "selfdistill": ("^", "C1", "self-distillation (defaults)")}
+    for r in results:
+        if r["sweep_value"] is None:
+            marker, color, label = style[r["method"]]
+            ax.plot(100 * r["final"]["unknown_acc"], 100 * r["final"]["held_acc"], marker, color=color, ms=8, zorder=4, label=label)
+    ax.plot(100 * teacher_scores["unknown_acc"], 100 * teacher_scores["held_acc"], "*", color="k", ms=11, zorder=4,
+            label="teacher (before stage 2)")
+    ax.set_xlim(-3, 103)  # new-fact accuracy spans 0-100 across a sweep; a fixed axis compares seeds and classes
+    ax.set_xlabel("new-fact accuracy, D_unknown (%)  → plasticity")
+    ax.set_ylabel("held-out accuracy, D_held (%)  → stability")
+    ax.set_title(f"Stability–plasticity frontier over {symbol} ({name}), seed {seed}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_sweep_report(root: Path, name: str, results: list[dict], teacher_scores: dict, cfg: Config):
+    """sweep.json (one point per run), sweep.md (the table), frontier.png (when matplotlib is installed)."""
+    points = [{"run": r["run"], "method": r["method"], name: r["sweep_value"], **r["final"], "forgetting": r["forgetting"],
+               "excess_forgetting": r["excess_forgetting"]} for r in results]
+    plotted = plot_frontier(root / "frontier.png", name, results, teacher_scores, cfg.seed)
+    note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n"
+    write_text_atomic(root / "sweep.md", f"# sftguard --sweep {cfg.sweep}, preset {cfg.preset}, seed {cfg.seed}\n\n"
+                      f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
+                      f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
+                      f"{cfg.epochs} epochs of stage 2. Rows without a {name} are the controls at their configured settings.\n\n"
+                      + sweep_table(name, results) + "\n" + note)
+    write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": name, "seed": cfg.seed, "preset": cfg.preset,
+                                            "teacher": teacher_scores, "points": points})
+    print("\n" + sweep_table(name, results))
+    print(note.strip() if not plotted else f"frontier plot: {root / 'frontier.png'}")
+
+
 # =====================================================================================================
 # main: data -> base model -> SliCK split -> stage 1 teacher -> stage 2 method(s) -> report
 # =====================================================================================================
-def main(cfg: Config) -> dict:
-    wall_start = time.perf_counter()
-    folders = output_folders(cfg)
-    for folder in folders.values():  # refuse before any work, so earlier results are never lost
-        if (folder / "results.json").exists() and not cfg.overwrite:
-            raise UserError(f"{folder} already holds a run's results; pass --overwrite or choose another --out")
-    device = resolve_device(cfg.device)
-
+def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> dict:
+    """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
     data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
     if not data_dir.exists():  # one command from a fresh clone to a result
         print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
@@ -783,19 +1741,41 @@ def main(cfg: Config) -> dict:
 
     # 5. Stage 1: the teacher
     seed_everything(cfg.seed)
-    teacher, stage1 = learn_task_format(base, tokenizer, splits, cfg)
-    del base
+    teacher, stage1 = learn_task_format(base, tokenizer, splits, cfg, checkpoint_dir)
     teacher_scores = evaluate(teacher, tokenizer, eval_sets, cfg)
     print("teacher (after task-format learning): " + "  ".join(f"{k} {v:.3f}" for k, v in teacher_scores.items()))
+    return {"data_dir": data_dir, "facts": facts, "world": world, "tokenizer": tokenizer, "model_id": model_id, "pool": pool,
+            "categories": categories, "category_counts": category_counts, "splits": splits, "eval_sets": eval_sets,
+            "teacher": teacher, "stage1": stage1, "teacher_scores": teacher_scores,
+            "base": base if keep_base else None}  # the experiments measure drift against the base model
+
+
+def main(cfg: Config) -> dict:
+    wall_start = time.perf_counter()
+    if cfg.experiment:  # 8. the hypothesis experiments: their own conditions from the same teacher path
+        return run_experiments(cfg)
+    folders = output_folders(cfg)
+    checkpoints = run_root(cfg) / "checkpoints"
+    check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
+    device = resolve_device(cfg.device)
+
+    study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
+    tokenizer, splits, eval_sets, teacher, teacher_scores, model_id, category_counts, pool, categories, stage1 = (study[k] for k in (
+        "tokenizer", "splits", "eval_sets", "teacher", "teacher_scores", "model_id", "category_counts", "pool", "categories", "stage1"))
 
     # 6. Stage 2, one method or all of them from the same teacher
     runs = ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable if cfg.method == "freeze" else None),)
     common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({model_id})",
               "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": category_counts,
               "slick_vs_truth": slick_vs_truth(pool, categories), "stage1": stage1}
+    if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
+        report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
+        drop_checkpoints(checkpoints, cfg)
+        return report
     results = []
     for method, trainable in runs:
-        result = {**run_method(method, trainable, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg), **common}
+        result = {**run_method(method, trainable, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg,
+                               checkpoint_dir=checkpoints / run_name(method, trainable)), **common}
         results.append(result)
     control = next((r for r in results if r["method"] == "known_only"), None)
     for result in results:
@@ -803,7 +1783,7 @@ def main(cfg: Config) -> dict:
         result["wall_s"] = time.perf_counter() - wall_start
         write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
 
-    # 7. Report
+    # 9. Report
     table = table1(results)
     print("\n" + table)
     if cfg.method == "all":
@@ -812,20 +1792,30 @@ def main(cfg: Config) -> dict:
                           f"Teacher: D_known {pct(teacher_scores['known_acc'])}, D_unknown {pct(teacher_scores['unknown_acc'])}, "
                           f"D_held {pct(teacher_scores['held_acc'])}\n\nAccuracy % after stage 2 ({cfg.epochs} epochs); forgetting is "
                           f"the relative drop of D_held accuracy from the teacher.\n\n" + table)
+    drop_checkpoints(checkpoints, cfg)
     print(f"results in {', '.join(str(f) for f in folders.values())}  ({time.perf_counter() - wall_start:.0f} s)")
     return {"results": results, "teacher": teacher_scores}
 
 
 def cli(argv=None):
+    """Exit status: 0 done, 2 a user mistake (one line, no traceback), 3 a NaN/inf loss, 130 interrupted."""
+    cfg = None
     try:
         cfg = parse_config(argv)
         main(cfg)
     except (UserError, data_prep.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except FloatingPointError as e:  # the NaN guard of train(): stop before any result is written
+        if not cfg.experiment:  # resuming with the same flags would meet the same NaN
+            drop_checkpoints(run_root(cfg) / "checkpoints", cfg)
+        print(f"error: {e}; no results were written", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:
+        resumable = cfg is not None and not cfg.experiment
+        print("\ninterrupted" + ("; run the same command with --resume to continue from the last checkpoint" if resumable else ""),
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

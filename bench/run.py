@@ -1,0 +1,438 @@
+"""bench/run.py: what each sftguard method costs: training tokens/s, step time and peak memory, side by side
+with TRL's GKDTrainer, plus the generation throughput of SliCK categorisation and evaluation.
+
+    python bench/run.py --quick                  # one model size and batch shape, under a minute on 2 idle cores
+    python bench/run.py --out bench/results      # two model sizes x two batch shapes (CPU); more sizes on a GPU
+    python bench/run.py --compile                # CUDA: torch.compile the models as well
+
+It times sftguard's own code (qa_batches, method_loss, build_teacher_cache, train, generate_answers), not a
+copy. Every configuration runs in a fresh process (forked from a server that has imported torch and
+transformers once), so its peak memory is its own: CUDA max_memory_allocated on a GPU, peak RSS on a CPU
+(also given above the process's RSS before the model was built, since the interpreter and libraries weigh
+hundreds of MB). Each measurement: one warm-up repeat, then --repeats repeats of --steps optimizer steps;
+the median repeat is reported. On CUDA the methods run under bf16 autocast and MFU is reported.
+
+The models are randomly initialised Llamas of sftguard's synthetic-world architecture (speed does not depend
+on the weights); the data are the synthetic world's QA facts, as many as the default preset trains on in stage
+2, tokenised by a tokenizer trained on the world. Writes DIR/bench.json and DIR/bench.md.
+"""
+
+import argparse
+import copy
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Model sizes: sftguard's default and large presets, and two GPU-sized ones (the last is >= 300M parameters).
+SIZES = {
+    "s": dict(n_layer=4, n_embd=128, n_head=4),
+    "m": dict(n_layer=8, n_embd=256, n_head=8),
+    "l": dict(n_layer=12, n_embd=768, n_head=12),
+    "xl": dict(n_layer=24, n_embd=1024, n_head=16),
+}
+# method -> (sftguard method, extra sftguard flags); trl-gkd is the peer.
+METHODS = {
+    "sft": ("sft", []),
+    "selfdistill-live": ("selfdistill", ["--teacher_cache", "live"]),
+    "selfdistill-cached": ("selfdistill", ["--teacher_cache", "fp32"]),
+    "selfdistill-bf16": ("selfdistill", ["--teacher_cache", "bf16"]),
+    "selfdistill-topk": ("selfdistill", ["--teacher_cache", "topk"]),
+    "freeze-attn": ("freeze", ["--trainable", "attn"]),
+    "l2": ("l2", []),
+    "trl-gkd": (None, []),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup shared by every configuration: the world's facts and a tokenizer trained on its corpus (cached)
+# ----------------------------------------------------------------------------------------------------------------
+def prepare(cache: Path, n_facts: int) -> dict:
+    import data_prep
+    import sftguard
+
+    data = cache / "world-default"
+    if not data_prep.is_complete(data):
+        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS["default"], "preset": "default",
+                                                       "out": str(data), "overwrite": True}))
+    tok_dir = cache / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = [json.loads(line)["text"] for line in (data / "pretrain.jsonl").read_text().splitlines() if line.strip()]
+        sftguard.train_tokenizer(texts, sftguard.Config.vocab_size).save_pretrained(tok_dir)
+    facts, _ = sftguard.load_facts(data)
+    facts = [f for f in facts if f.get("key") != "uuid"][:n_facts]
+    return {"data": str(data), "tokenizer": str(tok_dir), "facts": facts}
+
+
+def build(spec: dict):
+    """sftguard's config, the tokenizer, a frozen teacher of the given size and its trainable copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sftguard
+
+    torch.set_num_threads(spec["threads"])
+    method, flags = METHODS[spec["method"]] if spec["method"] in METHODS else ("sft", [])
+    size = SIZES[spec["size"]]
+    cfg = sftguard.parse_config(["--preset", "default", "--method", method or "selfdistill", "--device", spec["device"],
+                                 "--batch_size", str(spec["batch_size"]), "--n_layer", str(size["n_layer"]),
+                                 "--n_embd", str(size["n_embd"]), "--n_head", str(size["n_head"]), *flags])
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(sftguard.make_model_config(cfg, tokenizer)).to(spec["device"])
+    teacher = sftguard.freeze_as_teacher(teacher)
+    student = copy.deepcopy(teacher)
+    sftguard.set_trainable(student, cfg.trainable if method == "freeze" else "all")
+    return cfg, tokenizer, teacher, student
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak memory of this process
+# ----------------------------------------------------------------------------------------------------------------
+def reset_peak_memory(device: str) -> int:
+    """Start counting the peak from now; returns the memory in use now."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM (peak RSS) to the current RSS
+        f.write("5")
+    return proc_status_bytes("VmRSS")
+
+
+def peak_memory(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return proc_status_bytes("VmHWM")
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and returns one row
+# ----------------------------------------------------------------------------------------------------------------
+def train_worker(spec: dict) -> dict:
+    """Time sftguard.train with the method's loss: one warm-up repeat, then spec["repeats"] repeats."""
+    import torch
+
+    import sftguard
+
+    base_mem = reset_peak_memory(spec["device"])
+    cfg, tokenizer, teacher, student = build(spec)
+    batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
+    method = METHODS[spec["method"]][0]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec["device"].startswith("cuda"))
+    started = time.perf_counter()
+    with autocast:
+        loss_fn = sftguard.method_loss(method, student, teacher, cfg, batches)  # a cached teacher is built here
+    cache_s = time.perf_counter() - started if method == "selfdistill" and cfg.teacher_cache != "live" else None
+    cache_bytes = None
+    if cache_s is not None:
+        cache = next(c.cell_contents for c in loss_fn.__closure__ if isinstance(c.cell_contents, dict) and "log_p" in c.cell_contents)
+        cache_bytes = sum(t.numel() * t.element_size() for t in (cache["log_p"], cache["ids"]) if t is not None)
+    live_teacher = method == "selfdistill" and cfg.teacher_cache == "live"
+    if not live_teacher:
+        del teacher  # only a live teacher is needed while training (l2 keeps its own anchor copy)
+    if spec["compile"]:
+        student = torch.compile(student)
+    steps, tokens, ends = spec["steps"], [], []
+
+    def repeat_batches(generator):  # `steps` batches, running into the next epoch when one ends
+        tokens.append(0)
+        for batch in itertools.islice(itertools.chain.from_iterable(batches(generator) for _ in itertools.count()), steps):
+            tokens[-1] += int(batch["attention_mask"].sum())
+            yield batch
+    repeat_batches.steps = steps
+
+    ends.append(time.perf_counter())
+    with autocast:
+        sftguard.train(student, repeat_batches, loss_fn, epochs=1 + spec["repeats"], lr=1e-4, cfg=cfg,
+                       desc=spec["method"], on_epoch_end=lambda epoch: ends.append(time.perf_counter()))
+    seconds = [b - a for a, b in zip(ends[1:-1], ends[2:])]  # the first repeat is the warm-up
+    row = timing_row(spec, seconds, tokens[1:], student, base_mem, extra_forward=live_teacher)
+    row.update(cache_s=cache_s, cache_bytes=cache_bytes, teacher_cache=cfg.teacher_cache if method == "selfdistill" else None)
+    return row
+
+
+def trl_worker(spec: dict) -> dict:
+    """The peer: TRL's GKDTrainer, off-policy (lmbda=0) forward KL (beta=0), on the same models, batches and
+    optimizer settings; step times from its callbacks, tokens from the batches its loss sees."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as e:
+        return {"method": "trl-gkd", "error": f"TRL is not installed ({e}); pip install -r bench/requirements-bench.txt"}
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    import sftguard
+
+    base_mem = reset_peak_memory(spec["device"])
+    cfg, tokenizer, teacher, student = build(spec)
+    batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
+    steps, repeats = spec["steps"], spec["repeats"]
+    ends, tokens = [], []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if spec["device"].startswith("cuda"):
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    def collate(rows):  # sftguard's own right-padded batches of the same examples
+        batch = batches.batch_of([r["index"] for r in rows])
+        batch.pop("index")
+        return batch
+
+    cuda = spec["device"].startswith("cuda")
+    with tempfile.TemporaryDirectory() as out:
+        args = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=cfg.temperature, max_steps=(1 + repeats) * steps,
+                         per_device_train_batch_size=spec["batch_size"], learning_rate=1e-4, weight_decay=0.0,
+                         adam_beta2=0.95, max_grad_norm=cfg.grad_clip, lr_scheduler_type="cosine", warmup_steps=1,
+                         save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True, use_cpu=not cuda,
+                         bf16=cuda, torch_compile=spec["compile"], dataloader_num_workers=0, seed=0)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"index": list(range(batches.size))}),
+                             data_collator=collate, callbacks=[StepClock()])
+        compute_loss = trainer.compute_loss
+
+        def counted_loss(model, inputs, *a, **k):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return compute_loss(model, inputs, *a, **k)
+        trainer.compute_loss = counted_loss
+        trainer.train()
+    # repeat r spans the steps r*steps+1 .. (r+1)*steps; repeat 0 is the warm-up
+    seconds = [ends[(r + 1) * steps - 1] - ends[r * steps - 1] for r in range(1, 1 + repeats)]
+    tokens = [sum(tokens[r * steps:(r + 1) * steps]) for r in range(1, 1 + repeats)]
+    return timing_row(spec, seconds, tokens, trainer.model, base_mem, extra_forward=True)
+
+
+def generation_worker(spec: dict) -> dict:
+    """Questions per second of sftguard's evaluation (greedy, zero-shot) and SliCK categorisation (few-shot
+    prompts, greedy plus samples where greedy never succeeds), through generate_answers."""
+    import random
+
+    import sftguard
+
+    base_mem = reset_peak_memory(spec["device"])
+    cfg, tokenizer, teacher, student = build(spec)
+    del student
+    facts = spec["facts"][:spec["questions"]]
+    sftguard.accuracy(teacher, tokenizer, facts[:8], cfg)  # warm-up
+    eval_s, slick_s = [], []
+    for _ in range(spec["repeats"]):
+        started = time.perf_counter()
+        sftguard.accuracy(teacher, tokenizer, facts, cfg)
+        eval_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        sftguard.categorize_facts(teacher, tokenizer, facts[:spec["slick_facts"]], cfg, random.Random(0))
+        slick_s.append(time.perf_counter() - started)
+    return {"method": "generation", "model": spec["size"], "model_params": sftguard.count_params(teacher),
+            "device": spec["device"], "eval_questions": len(facts), "eval_questions_per_s": len(facts) / statistics.median(eval_s),
+            "slick_facts": spec["slick_facts"], "slick_prompts_per_fact": cfg.slick_prompts, "slick_samples": cfg.slick_samples,
+            "slick_facts_per_s": spec["slick_facts"] / statistics.median(slick_s),
+            "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory(spec["device"]) - base_mem}
+
+
+def timing_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, extra_forward: bool) -> dict:
+    import sftguard
+
+    median = statistics.median(seconds)
+    tokens_per_s = statistics.median(t / s for t, s in zip(tokens, seconds))
+    n_params = sftguard.count_params(model)
+    row = {"method": spec["method"], "model": spec["size"], "model_params": n_params,
+           "batch": f"{spec['batch_size']}x{round(statistics.mean(tokens) / spec['steps'] / spec['batch_size'])}",
+           "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
+           "tokens_per_s": tokens_per_s, "step_ms": 1000 * median / spec["steps"],
+           "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory(spec["device"]) - base_mem,
+           "repeats": len(seconds), "steps_per_repeat": spec["steps"], "repeat_s": seconds}
+    peak = spec.get("peak_flops")
+    if peak:  # model FLOPs: 6N per trained token (forward + backward), 2N more for a live teacher's forward
+        row["mfu"] = (6 + 2 * extra_forward) * n_params * tokens_per_s / peak
+    return row
+
+
+def run_isolated(worker, spec: dict) -> dict:
+    """Run one worker in a fresh process forked from the server; a failure becomes the row's error."""
+    receive, send = CONTEXT.Pipe(duplex=False)
+    process = CONTEXT.Process(target=child, args=(worker, spec, send))
+    process.start()
+    send.close()
+    try:
+        row = receive.recv()
+    except EOFError:  # killed, e.g. out of memory
+        row = {"error": "the process died"}
+    process.join()
+    if "error" in row:
+        row.update(method=spec["method"], model=spec["size"], batch_size=spec.get("batch_size"), exit_code=process.exitcode)
+    return row
+
+
+def child(worker, spec: dict, send):
+    try:
+        send.send(worker(spec))
+    except Exception as e:  # noqa: BLE001 - a failed configuration is reported, not fatal
+        send.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def mb(x) -> str:
+    return "–" if x is None else f"{x / 2**20:.0f}"
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """The issue's targets, per model size and batch shape."""
+    out = []
+    for key in sorted({(r["model"], r["batch_size"]) for r in rows if "error" not in r}):
+        by = {r["method"]: r for r in rows if (r.get("model"), r.get("batch_size")) == key and "error" not in r}
+
+        def ratio(a, b, field):
+            return by[a][field] / by[b][field] if a in by and b in by else None
+        checks = [("selfdistill-cached / sft tokens/s", ratio("selfdistill-cached", "sft", "tokens_per_s"), ">=", 0.95),
+                  ("selfdistill-cached / sft peak mem", ratio("selfdistill-cached", "sft", "peak_mem_bytes"), "<=", 1.05),
+                  ("selfdistill-cached / sft peak mem above baseline", ratio("selfdistill-cached", "sft", "peak_mem_delta_bytes"), "<=", 1.05),
+                  ("selfdistill-live / sft tokens/s", ratio("selfdistill-live", "sft", "tokens_per_s"), ">=", 0.72),
+                  ("selfdistill-cached / trl-gkd tokens/s", ratio("selfdistill-cached", "trl-gkd", "tokens_per_s"), ">=", 1.5),
+                  ("selfdistill-cached / trl-gkd peak mem", ratio("selfdistill-cached", "trl-gkd", "peak_mem_bytes"), "<=", 0.7),
+                  ("selfdistill-cached / trl-gkd peak mem above baseline", ratio("selfdistill-cached", "trl-gkd", "peak_mem_delta_bytes"), "<=", 0.7),
+                  ("selfdistill-live / trl-gkd tokens/s", ratio("selfdistill-live", "trl-gkd", "tokens_per_s"), ">=", 1.5)]
+        for name, value, op, target in checks:
+            if value is not None:
+                met = value >= target if op == ">=" else value <= target
+                out.append({"model": key[0], "batch_size": key[1], "ratio": name, "value": value, "target": f"{op} {target}", "met": met})
+    return out
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# sftguard bench ({meta['device_name']}, {meta['threads']} threads, {meta['when']})", "",
+             f"`{meta['command']}`", "",
+             "| method | model | params | batch (B x mean T) | tokens/s | step ms | peak mem MB | above baseline MB | teacher cache MB (build s) |"
+             + (" MFU |" if meta["peak_flops"] else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if meta["peak_flops"] else "")]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r.get('model', '')} | | {r.get('batch_size', '')} | not run: {r['error']} | | | | |")
+            continue
+        cache = f"{mb(r['cache_bytes'])} ({r['cache_s']:.2f})" if r.get("cache_s") is not None else "–"
+        lines.append(f"| {r['method']} | {r['model']} | {r['model_params'] / 1e6:.2f}M | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_ms']:.1f} | {mb(r['peak_mem_bytes'])} | {mb(r['peak_mem_delta_bytes'])} | {cache} |"
+                     + (f" {100 * r['mfu']:.1f}% |" if meta["peak_flops"] else ""))
+    lines += ["", "| ratio | model | batch size | value | target | met |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['ratio']} | {c['model']} | {c['batch_size']} | {c['value']:.2f} | {c['target']} | {'yes' if c['met'] else 'no'} |"
+              for c in result["ratios"]]
+    lines += ["", "| generation | model | params | eval questions/s | SliCK facts/s | peak mem MB |", "|---|---|---|---|---|---|"]
+    for g in result["generation"]:
+        if "error" in g:
+            lines.append(f"| generation | {g.get('model', '')} | | not run: {g['error']} | | |")
+        else:
+            lines.append(f"| greedy eval; SliCK {g['slick_prompts_per_fact']} prompts + {g['slick_samples']} samples | {g['model']} | "
+                         f"{g['model_params'] / 1e6:.2f}M | {g['eval_questions_per_s']:.1f} | {g['slick_facts_per_s']:.2f} | {mb(g['peak_mem_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one model size, one batch shape, fewer repeats: under a minute on an idle 2-core CPU")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for bench.json and bench.md")
+    p.add_argument("--cache", default=str(REPO / ".cache" / "bench"), help="where the world and tokenizer are kept between runs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--sizes", default="", help="comma-joined model sizes (s,m,l,xl); default s,m on CPU, s,m,l,xl on CUDA")
+    p.add_argument("--batch_sizes", default="", help="comma-joined QA pairs per step; default 16,64")
+    p.add_argument("--methods", default="", help="comma-joined subset of: " + ", ".join(METHODS))
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per repeat (default 10; --quick 4)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats after one warm-up repeat (default 5; --quick 3)")
+    p.add_argument("--facts", type=int, default=1200, help="training facts (the default preset's stage 2: 600 known + 600 unknown)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (and TRL's model) first")
+    p.add_argument("--peak_flops", type=float, default=0, help="peak FLOP/s for MFU; default: known bf16 peak of the GPU, none on CPU")
+    p.add_argument("--no_generation", action="store_true", help="skip the generation throughput")
+    return p.parse_args(argv)
+
+
+CONTEXT = None  # the forkserver context, set in main
+
+
+def main(argv=None):
+    global CONTEXT
+    args = parse_args(argv)
+    wall = time.perf_counter()
+    CONTEXT = mp.get_context("forkserver")
+    # The server imports these once; each configuration forks from it, so no process pays the imports again
+    # and none inherits another's memory.
+    CONTEXT.set_forkserver_preload(["__main__", "torch", "transformers", "datasets", "sftguard", "transformers.models.llama.modeling_llama"]
+                                        + (["trl.experimental.gkd"] if "trl-gkd" in (args.methods or "trl-gkd") else []))
+    import torch
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    cuda = device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores"
+    peak_flops = args.peak_flops or (next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), 0) if cuda else 0)
+    sizes = (args.sizes or ("s" if args.quick else "s,m,l,xl" if cuda else "s,m")).split(",")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("32" if args.quick else "16,64")).split(",")]
+    methods = (args.methods or ",".join(m for m in METHODS if not (args.quick and m in ("selfdistill-bf16", "selfdistill-topk")))).split(",")
+    unknown = [m for m in methods if m not in METHODS] + [s for s in sizes if s not in SIZES]
+    if unknown:
+        sys.exit(f"error: unknown method or size {', '.join(unknown)}; methods: {', '.join(METHODS)}; sizes: {', '.join(SIZES)}")
+    steps, repeats = args.steps or (4 if args.quick else 10), args.repeats or (3 if args.quick else 5)
+
+    setup = prepare(Path(args.cache), args.facts)
+    common = {"device": device, "threads": args.threads, "tokenizer": setup["tokenizer"], "facts": setup["facts"],
+              "steps": steps, "repeats": repeats, "compile": args.compile, "peak_flops": peak_flops}
+    rows, generation = [], []
+    for size, batch_size, method in itertools.product(sizes, batch_sizes, methods):
+        spec = {**common, "size": size, "batch_size": batch_size, "method": method}
+        row = run_isolated(trl_worker if method == "trl-gkd" else train_worker, spec)
+        rows.append(row)
+        print(f"{method:20s} {size:3s} B={batch_size:<4d} " + (f"error: {row['error']}" if "error" in row else
+              f"{row['tokens_per_s']:10,.0f} tok/s {row['step_ms']:8.1f} ms/step  peak {mb(row['peak_mem_bytes'])} MB "
+              f"(+{mb(row['peak_mem_delta_bytes'])})"), flush=True)
+    if not args.no_generation:
+        for size in sizes:
+            spec = {**common, "size": size, "method": "generation", "batch_size": 32, "repeats": 1 if args.quick else 3,
+                    "questions": 64 if args.quick else 256, "slick_facts": 8 if args.quick else 32}
+            generation.append(run_isolated(generation_worker, spec))
+            g = generation[-1]
+            print(f"generation {size}: " + (f"error: {g['error']}" if "error" in g else
+                  f"eval {g['eval_questions_per_s']:.1f} questions/s, SliCK {g['slick_facts_per_s']:.2f} facts/s"), flush=True)
+    result = {"meta": {"command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
+                       "device": device, "device_name": device_name, "threads": args.threads, "torch": torch.__version__,
+                       "sizes": {s: SIZES[s] for s in sizes}, "facts": len(setup["facts"]), "steps_per_repeat": steps,
+                       "repeats": repeats, "compile": args.compile, "peak_flops": peak_flops or None,
+                       "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M"),
+                       "wall_s": time.perf_counter() - wall},
+              "rows": rows, "ratios": ratios(rows), "generation": generation}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(result))
+    print("\n" + markdown(result))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({time.perf_counter() - wall:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The fast self-distillation paths equal the plain Eq. 1-2 function: the chunked KL, the cached teacher (fp32
+exact, bf16 and top-k within their stated tolerances), in any batch order and with padding; and the teacher
+cache gives each example its own rows."""
+import copy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sftguard as S  # noqa: E402
+
+
+def random_batch(batch=5, positions=9, vocab=300, seed=0, scale=3.0):
+    """Student and teacher logits; labels with a prompt, right padding of different lengths, one row without answer."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, positions, vocab, generator=g) * scale
+    teacher = torch.randn(batch, positions, vocab, generator=g) * scale
+    labels = torch.randint(0, vocab, (batch, positions), generator=g)
+    labels[:, :4] = -100  # prompt
+    labels[0, 7:] = -100  # padding
+    labels[3, 5:] = -100
+    labels[4, :] = -100  # a row with no answer token at all
+    return student, teacher, labels
+
+
+def teacher_rows(teacher_logits, labels, temperature):
+    return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
+
+
+def topk_rows(log_p, k):
+    top, ids = log_p.topk(k, dim=-1)
+    tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([top, tail], dim=-1), ids
+
+
+def loss_and_grad(fn, student, *args, **kwargs):
+    student = student.clone().requires_grad_(True)
+    loss, kl = fn(student, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), kl.detach(), student.grad
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_kl_equals_plain_loss_and_gradient(temperature, chunk):
+    student, teacher, labels = random_batch()
+    ref = loss_and_grad(S.self_distillation_loss, student, teacher, labels, 1.3, temperature)
+    fast = loss_and_grad(S.self_distillation_loss_cached, student, teacher_rows(teacher, labels, temperature), labels,
+                         1.3, temperature, chunk)
+    assert fast[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert fast[1].item() == pytest.approx(ref[1].item(), rel=1e-5)
+    assert torch.allclose(fast[2], ref[2], atol=1e-7, rtol=1e-4)
+    assert fast[2][labels == -100].abs().max() == 0  # prompt and padding positions get no gradient
+
+
+def test_chunked_kl_keeps_no_full_vocabulary_intermediate_for_backward():
+    """Autograd saves several N x V tensors for the plain KL; the chunked one keeps only its two inputs."""
+    student, teacher, labels = random_batch(vocab=500)
+    answer_logits = student[labels != -100].requires_grad_(True)
+    log_p_teacher = teacher_rows(teacher, labels, 0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        S.ChunkedKL.apply(answer_logits, log_p_teacher, None, 0.5, 4)
+    assert {t.data_ptr() for t in saved if t is not None} <= {answer_logits.data_ptr(), log_p_teacher.data_ptr()}
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        log_q = F.log_softmax(answer_logits / 0.5, -1)
+        (log_p_teacher.exp() * (log_p_teacher - log_q)).sum()
+    assert sum(t.numel() for t in saved) >= 2 * answer_logits.numel()  # what the chunked version avoids
+
+
+def test_topk_with_every_token_is_the_full_kl():
+    student, teacher, labels = random_batch(vocab=64)
+    log_p = teacher_rows(teacher, labels, 0.5)
+    ref = loss_and_grad(S.self_distillation_loss, student, teacher, labels, 1.0, 0.5)
+    top, ids = topk_rows(log_p, 64)
+    fast = loss_and_grad(S.self_distillation_loss_cached, student, top, labels, 1.0, 0.5, 4, ids.int())
+    assert fast[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert torch.allclose(fast[2], ref[2], atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_topk_gradient_is_that_of_the_kl_over_k_plus_one_bins(k):
+    """The hand-written gradient (p_student - q) / tau equals autograd's on KL over (top-k tokens, tail)."""
+    student, teacher, labels = random_batch(vocab=50)
+    tau, answer = 0.5, labels != -100
+    top, ids = topk_rows(teacher_rows(teacher, labels, tau), k)
+    fast = loss_and_grad(S.self_distillation_loss_cached, student, top, labels, 1.0, tau, 3, ids)
+
+    def bins(student_logits, labels, kl_weight, temperature):
+        log_q = F.log_softmax(student_logits[answer] / temperature, -1)
+        log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        kl = ((top[:, :-1].exp() * (top[:, :-1] - log_q.gather(-1, ids))).sum(-1)
+              + top[:, -1].exp() * (top[:, -1] - log_q_tail)).mean()
+        return F.cross_entropy(student_logits[answer], labels[answer]) + kl_weight * temperature**2 * kl, kl
+    ref = loss_and_grad(bins, student, labels, 1.0, tau)
+    assert fast[1].item() == pytest.approx(ref[1].item(), rel=1e-5)
+    assert torch.allclose(fast[2], ref[2], atol=1e-7, rtol=1e-4)
+
+
+def test_cached_rows_of_other_examples_are_refused():
+    student, teacher, labels = random_batch()
+    log_p = teacher_rows(teacher, labels, 0.5)
+    with pytest.raises(RuntimeError, match="teacher cache"):
+        S.self_distillation_loss_cached(student, log_p[:-1], labels, 1.0, 0.5, 8)
+
+
+# =====================================================================================================
+# The teacher cache on a real model: rows map to their examples, in any batch order
+# =====================================================================================================
+@pytest.fixture(scope="module")
+def models(smoke_base):
+    """The smoke base model as the teacher; a student that differs from it, so the KL is not zero."""
+    teacher = S.freeze_as_teacher(copy.deepcopy(smoke_base.model))
+    student = copy.deepcopy(smoke_base.model)
+    S.set_trainable(student, "all")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    facts = [f for f in smoke_base.facts if f.get("key") != "uuid"][:40]
+    return teacher, student, smoke_base.tokenizer, facts, smoke_base.cfg
+
+
+def test_teacher_cache_rows_are_each_examples_own(models):
+    teacher, _, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    cache = S.build_teacher_cache(teacher, batches, replace(cfg, teacher_cache="fp32", eval_batch_size=7))
+    counts = [int((batches.batch_of([i])["labels"][0, 1:] != -100).sum()) for i in range(len(facts))]
+    assert [end - start for start, end in zip(cache["offsets"], cache["offsets"][1:])] == counts
+    assert cache["offsets"][-1] == len(cache["log_p"])
+    for i in (0, 5, len(facts) - 1):  # alone, unpadded: the same rows
+        one = batches.batch_of([i])
+        with torch.no_grad():
+            logits = teacher(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits[:, :-1]
+        rows = cache["log_p"][cache["offsets"][i]:cache["offsets"][i + 1]]
+        assert torch.allclose(rows, teacher_rows(logits, one["labels"][:, 1:], cfg.temperature), atol=1e-5)
+    for epoch in range(2):  # random order and right padding: the gathered rows are this batch's live rows
+        for batch in batches(torch.Generator().manual_seed(epoch)):
+            with torch.no_grad():
+                logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            log_p, ids = S.cached_teacher_rows(cache, batch["index"])
+            assert ids is None
+            assert torch.allclose(log_p, teacher_rows(logits, batch["labels"][:, 1:], cfg.temperature), atol=1e-5)
+
+
+def epoch_losses_and_grads(student, teacher, batches, cfg):
+    """Loss of every batch of one random-order epoch and the summed gradient, through method_loss."""
+    loss_fn = S.method_loss("selfdistill", student, teacher, cfg, batches)
+    student.zero_grad()
+    losses = []
+    for batch in batches(torch.Generator().manual_seed(3)):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+        loss.backward()
+        losses.append(loss.item())
+    return torch.tensor(losses), torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+@pytest.mark.parametrize("mode,loss_rtol,grad_rtol", [("fp32", 1e-5, 1e-4), ("bf16", 1e-3, 1e-2), ("topk", 1e-2, 0.1)])
+def test_cached_method_loss_equals_live(models, mode, loss_rtol, grad_rtol):
+    """The stated tolerances: fp32 exact (float rounding), bf16 loss within 0.1% and gradient within 1%, top-64
+    loss within 1% and gradient within 10% (relative norm) of the live teacher's."""
+    teacher, student, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    live_losses, live_grad = epoch_losses_and_grads(student, teacher, batches, replace(cfg, teacher_cache="live"))
+    losses, grad = epoch_losses_and_grads(student, teacher, batches, replace(cfg, teacher_cache=mode, teacher_topk=64))
+    assert torch.allclose(losses, live_losses, rtol=loss_rtol, atol=0)
+    assert ((grad - live_grad).norm() / live_grad.norm()).item() < grad_rtol
+
+
+def test_cached_loss_does_not_hold_the_teacher(models):
+    """With a cached teacher the training loss needs only the cache: the teacher can be freed."""
+    teacher, student, tokenizer, facts, cfg = models
+    loss_fn = S.method_loss("selfdistill", student, teacher, replace(cfg, teacher_cache="fp32"), S.qa_batches(tokenizer, facts, 8))
+    assert not any(c.cell_contents is teacher for c in loss_fn.__closure__)
+
+
+@pytest.mark.parametrize("flags", [["--teacher_cache", "fp16"], ["--kl_chunk", "0"], ["--teacher_topk", "0"]])
+def test_bad_fast_distillation_flags_are_user_errors(flags):
+    with pytest.raises(S.UserError):
+        S.parse_config(["--preset", "smoke", *flags])
