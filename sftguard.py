@@ -100,12 +100,12 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (teacher answer-token log-probs computed once, reused every epoch; exact) | bf16 (half its memory; KL within 1% relative) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; approximate) | live (a teacher forward pass every step, Eq. 1-2 as written)"})
+    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (teacher answer-token log-probs computed once, reused every epoch; exact) | bf16 (half its memory; KL within 1 percent relative) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; approximate) | live (a teacher forward pass every step, Eq. 1-2 as written)"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
     kl_chunk: int = field(default=128, metadata={"help": "selfdistill with a cached teacher: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once)"})
     trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
-    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine to 10%)"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     unknown_answer: str = field(default="", metadata={"help": "if set (e.g. \"I don't know\"), stage 2 trains D_unknown with this answer instead of the gold one and reports how often each split is answered with it"})
     sweep: str = field(default="", metadata={"help": "the frontier: kl_weight=0,0.25,1 (selfdistill) | temperature=... (selfdistill) | l2_weight=... (l2), each from one teacher, plus the controls"})
@@ -276,7 +276,8 @@ def normalize_answer(text: str) -> str:
 
 
 def is_correct(prediction: str, answers: list[str]) -> bool:
-    return normalize_answer(prediction) in {normalize_answer(a) for a in answers}
+    guess = normalize_answer(prediction)
+    return bool(guess) and guess in {normalize_answer(a) for a in answers}  # an empty answer is never right
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -702,6 +703,8 @@ PARAM_GROUPS = {  # the names used by GPT-2, Llama, Qwen2 and GPT-NeoX
 
 def trainable_pattern(spec: str) -> str:
     """'attn,mlp' -> one regex; 'layers:0,1' -> the blocks 0 and 1; anything else is a regex itself."""
+    if not spec.strip():
+        raise UserError(f"--trainable is empty; name a group ({', '.join(PARAM_GROUPS)}), layers:0,1, or a regex")
     if spec.startswith("layers:"):
         numbers = [n.strip() for n in spec[len("layers:"):].split(",")]
         if not all(n.isdigit() for n in numbers):
@@ -1002,8 +1005,16 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
     return result
 
 
-def relative_drop(before: float, after: float) -> float:
-    return (before - after) / before if before > 0 else float("nan")
+def relative_drop(before: float, after: float) -> float | None:
+    """Forgetting: the relative drop of D_held accuracy; undefined (None) when nothing was known."""
+    return (before - after) / before if before > 0 else None
+
+
+def excess_forgetting(result: dict, control: dict | None) -> float | None:
+    """Forgetting beyond what fine-tuning on known facts alone (the known_only control) costs."""
+    if control is None or result["forgetting"] is None or control["forgetting"] is None:
+        return None
+    return result["forgetting"] - control["forgetting"]
 
 
 def run_name(method: str, trainable: str | None) -> str:
@@ -1068,7 +1079,7 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
         results.append({**result, **common, "run": folder, "sweep_value": value})
     control = next(r for r in results if r["method"] == "known_only")
     for result, (folder, _, _, run_cfg) in zip(results, runs):
-        result["excess_forgetting"] = result["forgetting"] - control["forgetting"]
+        result["excess_forgetting"] = excess_forgetting(result, control)
         write_results(folders[folder], result, run_cfg)
     write_sweep_report(sweep_root(cfg), name, results, teacher_scores, cfg)
     return {"results": results, "teacher": teacher_scores}
@@ -1779,7 +1790,7 @@ def main(cfg: Config) -> dict:
         results.append(result)
     control = next((r for r in results if r["method"] == "known_only"), None)
     for result in results:
-        result["excess_forgetting"] = None if control is None else result["forgetting"] - control["forgetting"]
+        result["excess_forgetting"] = excess_forgetting(result, control)
         result["wall_s"] = time.perf_counter() - wall_start
         write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
 

@@ -114,7 +114,7 @@ def test_refuse_then_overwrite_atomically(tmp_path):
 def test_preset_defaults_and_cli_override():
     cfg = dp.parse_args(["--preset", "smoke", "--n_known_entities", "7"])
     assert cfg.n_known_entities == 7 and cfg.n_unknown_entities == 30 and cfg.n_relations == 3
-    assert dp.parse_args([]).n_known_entities == 600
+    assert dp.parse_args([]).n_known_entities == 400
     with pytest.raises(dp.DataError, match="unknown preset"):
         dp.parse_args(["--preset", "huge"])
 

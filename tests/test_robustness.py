@@ -197,6 +197,15 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(shared, tmp_path, setup, 
     assert "Traceback" not in err and expected in err, err
 
 
+def test_help_lists_every_flag(capsys):
+    """argparse %-formats help strings: a stray % in one field's help breaks --help for everyone."""
+    with pytest.raises(SystemExit) as exit_info:
+        sg.cli(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(f"--{name}" in shown for name in asdict(sg.Config()))
+
+
 def test_internal_errors_keep_their_traceback(monkeypatch, shared, tmp_path):
     def broken(cfg):
         raise KeyError("a bug, not a user mistake")
