@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import string
 import sys
 import tempfile
@@ -100,15 +101,17 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (teacher answer-token log-probs computed once, reused every epoch; exact) | bf16 (half its memory; KL within 1 percent relative) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; approximate) | live (a teacher forward pass every step, Eq. 1-2 as written)"})
+    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
-    kl_chunk: int = field(default=128, metadata={"help": "selfdistill with a cached teacher: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once)"})
+    kl_chunk: int = field(default=128, metadata={"help": "selfdistill: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
     trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
     warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     unknown_answer: str = field(default="", metadata={"help": "if set (e.g. \"I don't know\"), stage 2 trains D_unknown with this answer instead of the gold one and reports how often each split is answered with it"})
     sweep: str = field(default="", metadata={"help": "the frontier: kl_weight=0,0.25,1 (selfdistill) | temperature=... (selfdistill) | l2_weight=... (l2), each from one teacher, plus the controls"})
+
+    seeds: str = field(default="", metadata={"help": "run the study once per seed (e.g. 0,1,2) into <out>/seed<N>, then write seeds.md: mean and sd of every method (a seed already finished there is reused)"})
 
     # --- 1./6. Evaluation
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
@@ -178,8 +181,10 @@ def check_config(cfg: Config):
         raise UserError("--resume works for --method and --sweep runs, not for --experiment; run the experiment again")
     if cfg.teacher_cache not in TEACHER_CACHES:
         raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
-    if cfg.teacher_topk < 1 or cfg.kl_chunk < 1:
-        raise UserError("--teacher_topk and --kl_chunk must be >= 1")
+    if cfg.teacher_topk < 1 or cfg.kl_chunk < 0:
+        raise UserError("--teacher_topk must be >= 1 and --kl_chunk >= 0")
+    if cfg.kl_chunk == 0 and cfg.teacher_cache != "live":
+        raise UserError("--kl_chunk 0 (the plain Eq. 1-2 function) takes the teacher's logits: use it with --teacher_cache live")
     for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max", "eval_batch_size",
                  "stage1_patience", "n_layer", "n_embd", "n_head", "mlp_ratio", "pretrain_epochs", "pretrain_batch_size", "pretrain_block"):
         if getattr(cfg, name) < 1:
@@ -188,6 +193,10 @@ def check_config(cfg: Config):
         raise UserError(f"unknown --arch {cfg.arch!r}; choose llama or gpt2")
     if not cfg.model and cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
+    if cfg.seeds:
+        parse_seeds(cfg.seeds)
+        if cfg.sweep or cfg.experiment or cfg.resume:
+            raise UserError("--seeds repeats --method runs; it cannot be combined with --sweep, --experiment or --resume")
     if cfg.sweep:
         parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
     if cfg.experiment:
@@ -588,14 +597,15 @@ def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: fl
     return ce + kl_weight * temperature**2 * kl, kl
 
 
-# The same loss, fast. The stage-2 inputs are fixed and the teacher frozen, so its answer-token log-probabilities
-# are computed once (build_teacher_cache) instead of by a forward pass every step; and the KL is taken a chunk of
-# answer tokens at a time with its gradient written out, so no full-vocabulary tensor is kept for the backward
-# pass. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
-def self_distillation_loss_cached(student_logits, teacher_log_p, labels, kl_weight: float, temperature: float,
-                                  chunk: int, teacher_ids=None):
+# The same loss, fast. The KL is taken a chunk of answer tokens at a time with its gradient written out, so no
+# full-vocabulary tensor is kept for the backward pass; and since the stage-2 inputs are fixed and the teacher
+# frozen, the teacher's answer-token log-probabilities can be computed once (build_teacher_cache) instead of by a
+# forward pass every step. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
+def self_distillation_loss_chunked(student_logits, teacher_log_p, labels, kl_weight: float, temperature: float,
+                                   chunk: int, teacher_ids=None):
     """Eq. 1-2 as in self_distillation_loss, with the teacher given as log-probabilities at tau, one row per answer
-    token in the order of labels != -100 (row-major), as cached_teacher_rows returns them. Returns (loss, kl)."""
+    token in the order of labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give
+    them. Returns (loss, kl)."""
     answer = labels != -100
     answer_logits = student_logits[answer]
     if len(answer_logits) != len(teacher_log_p):
@@ -652,6 +662,11 @@ def teacher_target(log_p_student, top_and_tail, ids):
     return (log_p_student + log_tail_teacher - log_tail_student).scatter(-1, ids, top_and_tail[:, :-1])
 
 
+def teacher_answer_log_probs(teacher_logits, labels, temperature: float):
+    """log p_teacher^tau at the answer tokens, one row per token in the order of labels != -100."""
+    return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
+
+
 @torch.no_grad()
 def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
     """The teacher's log-probabilities at tau on every answer token of the training set, computed once.
@@ -664,12 +679,11 @@ def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
     teacher.eval()
     device = next(teacher.parameters()).device
     log_ps, ids, offsets = [], [], [0]
-    for start in tqdm(range(0, batches.size, cfg.eval_batch_size), desc="teacher cache", leave=False):
-        batch = batches.batch_of(list(range(start, min(start + cfg.eval_batch_size, batches.size))))
+    for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
+        batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        answer = batch["labels"][:, 1:] != -100
-        log_p = F.log_softmax(logits[answer].float() / cfg.temperature, dim=-1)
+        log_p = teacher_answer_log_probs(logits, batch["labels"][:, 1:], cfg.temperature)
         if cfg.teacher_cache == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
@@ -677,7 +691,7 @@ def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
             ids.append(top_ids.int())
         else:
             log_ps.append(log_p.to(torch.bfloat16 if cfg.teacher_cache == "bf16" else torch.float32))
-        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
+        offsets += (offsets[-1] + (batch["labels"][:, 1:] != -100).sum(1).cumsum(0)).tolist()
     return {"log_p": torch.cat(log_ps), "ids": torch.cat(ids) if ids else None, "offsets": offsets}
 
 
@@ -954,14 +968,17 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
 
         def cached_loss_fn(logits, labels, batch):
             teacher_log_p, teacher_ids = cached_teacher_rows(cache, batch["index"])
-            return self_distillation_loss_cached(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
-                                                 cfg.kl_chunk, teacher_ids)[0]
+            return self_distillation_loss_chunked(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
+                                                  cfg.kl_chunk, teacher_ids)[0]
         return cached_loss_fn
     if method == "selfdistill":
         def loss_fn(logits, labels, batch):
             with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            return self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)[0]
+            if cfg.kl_chunk == 0:  # Eq. 1-2 as written
+                return self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)[0]
+            return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
+                                                  labels, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
         return loss_fn
     if method == "l2":
         anchor = [p.detach().clone() for p in trainable_parameters(student)]
@@ -1204,17 +1221,21 @@ def representation_drift(reference: torch.Tensor, states: torch.Tensor) -> float
 
 
 # --- The gradient-matched L2 control -------------------------------------------------------------------
-def kl_gradient_probe(student, teacher, cfg: Config, log: dict):
-    """The self-distillation loss (live teacher), which also records each step's norm of the KL term's
-    gradient, |grad(lambda tau^2 KL)|, and the distance |theta - theta_teacher|: the probe the L2
-    weight is matched on."""
+def kl_gradient_probe(student, teacher, cfg: Config, log: dict, every: int = 4):
+    """The self-distillation loss (live teacher), which also records, every `every` steps, the norm of the
+    KL term's gradient, |grad(lambda tau^2 KL)|, and the distance |theta - theta_teacher|: the probe the
+    L2 weight is matched on (every step would double the cost of a step for little change in the mean)."""
     params = trainable_parameters(student)
     anchor = [p.detach().clone() for p in params]
+    steps = [0]
 
     def loss_fn(logits, labels, batch):
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         loss, kl = self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)
+        steps[0] += 1
+        if (steps[0] - 1) % every:
+            return loss
         grads = torch.autograd.grad(cfg.kl_weight * cfg.temperature**2 * kl, params, retain_graph=True, allow_unused=True)
         log["kl_grad_norm"].append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
         log["distance"].append(math.sqrt(sum(float(((p.detach() - a).double() ** 2).sum()) for p, a in zip(params, anchor))))
@@ -1241,16 +1262,20 @@ def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, 
     new_eval = new_facts[: cfg.eval_max]
     layer = drift_layer(teacher)
 
+    same = [f for f in held if f["relation"] == cfg.exp_relation]  # held-out facts asked with the new facts' question
+    other = [f for f in held if f["relation"] != cfg.exp_relation]
+
     def measure(model):
-        return {"held_acc": accuracy(model, tokenizer, held, cfg, desc="eval held"),
+        same_acc, other_acc = (accuracy(model, tokenizer, part, cfg, desc="eval held") if part else float("nan") for part in (same, other))
+        return {"held_acc": (len(same) * nan_to_0(same_acc) + len(other) * nan_to_0(other_acc)) / len(held),
+                "held_same_relation_acc": same_acc, "held_other_relations_acc": other_acc,
                 "new_acc": accuracy(model, tokenizer, new_eval, cfg, desc="eval new") if new_eval else float("nan"),
                 "drift": representation_drift(study["reference_states"], entity_states(model, tokenizer, held, layer))}
 
     seed_everything(cfg.seed)
     student = copy.deepcopy(teacher)
     set_trainable(student, "all")
-    teacher_new = accuracy(teacher, tokenizer, new_eval, cfg, desc="eval new") if new_eval else float("nan")
-    curve = [{"epoch": 0, **study["teacher_measure"], "new_acc": teacher_new}]
+    curve = [{"epoch": 0, **measure(teacher)}]
 
     def record(epoch):
         curve.append({"epoch": epoch, **measure(student)})
@@ -1269,7 +1294,13 @@ def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, 
     return {"key": key, "count": len(new_facts), "width": study["width"], "method": method, "epochs": final["epoch"],
             "forgetting": relative_drop(curve[0]["held_acc"], final["held_acc"]), "new_acc": final["new_acc"],
             "held_acc": final["held_acc"], "drift": final["drift"], "teacher_held_acc": curve[0]["held_acc"],
+            "forgetting_same_relation": relative_drop(curve[0]["held_same_relation_acc"], final["held_same_relation_acc"]),
+            "forgetting_other_relations": relative_drop(curve[0]["held_other_relations_acc"], final["held_other_relations_acc"]),
             "l2_weight": l2_weight, "fit_target": fit_target, "seconds": time.perf_counter() - started, "curve": curve}
+
+
+def nan_to_0(x: float) -> float:
+    return 0.0 if math.isnan(x) else x
 
 
 def forgetting_at_new_acc(row: dict, target: float) -> float:
@@ -1305,10 +1336,10 @@ def experiment_capacity(run, counts, widths, cfg) -> list[dict]:
 
 def experiment_cloning(run, counts, widths, cfg) -> list[dict]:
     """At the middle count: name-key facts (SFT, --epochs), UUID-key facts trained until fitted to the
-    same new-fact accuracy (at most exp_fit_epochs), UUID facts at the same epoch, and known_only."""
+    same new-fact accuracy, capped at 95% (at most exp_fit_epochs), UUID facts at the same epoch, known_only."""
     w, n = cfg.n_embd, counts[len(counts) // 2]
-    name = run(w, "name", n, "sft")
-    fitted = run(w, "uuid", n, "sft", fit_target=name["new_acc"], epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)
+    name = run(w, "name", n, "sft")  # its accuracy on the new facts (at most 95%: "fitted") is the level to reach
+    fitted = run(w, "uuid", n, "sft", fit_target=min(name["new_acc"], 0.95), epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)
     return [run(w, None, 0, "known_only"), name, run(w, "uuid", n, "sft"), fitted]
 
 
@@ -1444,6 +1475,10 @@ def interference_markdown(result: dict) -> str:
     for r in sorted((r for r in rows if r["method"] in ("sft", "selfdistill")), key=lambda r: (r["count"], r["key"], r["method"] != "sft")):
         lines.append(f"| {r['count']} | {r['key']} | {CONDITION_NAMES[r['method']]} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | "
                      f"{pct(r['forgetting'])} | {pct(r['forgetting'] - control['forgetting'])} | {pct2(r['drift'])} |")
+    lines += ["", f"Forgetting by the relation of the held-out fact (SFT): asked with the new facts' question (`{result['relation']}`) "
+              "or with another relation's:\n", "| new facts | key | same relation | other relations |", "|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["method"] == "sft"), key=lambda r: (r["count"], r["key"])):
+        lines.append(f"| {r['count']} | {r['key']} | {pct(r['forgetting_same_relation'])} | {pct(r['forgetting_other_relations'])} |")
     lines += ["", "At equal new-fact accuracy (SFT; the lower of the two keys' final accuracies, forgetting interpolated "
               "between epochs where that accuracy was first reached):\n",
               "| new facts | new-fact acc | forgetting, name keys | forgetting, UUID keys |", "|---|---|---|---|"]
@@ -1808,12 +1843,87 @@ def main(cfg: Config) -> dict:
     return {"results": results, "teacher": teacher_scores}
 
 
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {spec!r} is not a comma list of integers; write e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {spec!r} needs distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def matched_acquisition(result: dict, threshold: float = 0.9) -> dict | None:
+    """Held-out accuracy at the first evaluation where new-fact accuracy reaches the threshold: methods
+    compared at equal acquisition, not at an equal epoch."""
+    for point in result["curve"]:
+        if point["epoch"] > 0 and point["unknown_acc"] >= threshold:
+            return {"epoch": point["epoch"], "held_acc": point["held_acc"],
+                    "forgetting": relative_drop(result["teacher"]["held_acc"], point["held_acc"])}
+    return None
+
+
+def mean_sd(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def seeds_markdown(per_seed: list[list[dict]], cfg: Config, seeds: list[int]) -> str:
+    """Mean ± sd over seeds, laid out like Table 1, plus the matched-acquisition view."""
+    names = [run_name(r["method"], r["trainable"]) for r in per_seed[0]]
+    rows = {name: [next(r for r in runs if run_name(r["method"], r["trainable"]) == name) for runs in per_seed] for name in names}
+    teacher = [runs[0]["teacher"] for runs in per_seed]
+    lines = [f"# sftguard --method {cfg.method}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
+             f"Teacher (after stage 1): D_known {mean_sd([t['known_acc'] for t in teacher])}, "
+             f"D_unknown {mean_sd([t['unknown_acc'] for t in teacher])}, D_held {mean_sd([t['held_acc'] for t in teacher])}", "",
+             f"Accuracy % after stage 2 ({cfg.epochs} epochs), mean ± sd over {len(seeds)} seeds. Forgetting: relative drop of "
+             "D_held accuracy from the teacher; excess: minus the known_only control's forgetting of the same seed.", "",
+             "| method | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+             "|---|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        new = "–" if rs[0]["method"] == "known_only" else mean_sd([r["final"]["unknown_acc"] for r in rs])
+        lines.append(f"| {name} | {mean_sd([r['final']['known_acc'] for r in rs])} | {new} | {mean_sd([r['final']['held_acc'] for r in rs])} | "
+                     f"{mean_sd([r['forgetting'] for r in rs])} | {mean_sd([r.get('excess_forgetting') for r in rs])} |")
+    lines += ["", "Matched acquisition: D_held accuracy and forgetting at the first epoch where D_unknown accuracy reaches 90%.", "",
+              "| method | seeds that reach 90% | epoch | D_held (held-out) | forgetting |", "|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        if rs[0]["method"] == "known_only":
+            continue
+        matched = [m for m in map(matched_acquisition, rs) if m is not None]
+        epochs = f"{statistics.mean(m['epoch'] for m in matched):.1f}" if matched else "–"
+        lines.append(f"| {name} | {len(matched)}/{len(rs)} | {epochs} | {mean_sd([m['held_acc'] for m in matched])} | "
+                     f"{mean_sd([m['forgetting'] for m in matched])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(cfg: Config) -> dict:
+    """--seeds 0,1,2: the same study once per seed (each from its own teacher), then mean ± sd of every method."""
+    seeds = parse_seeds(cfg.seeds)
+    root = Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seeds")
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
+        folders = output_folders(seed_cfg)
+        if all((f / "results.json").is_file() for f in folders.values()) and not cfg.overwrite:
+            print(f"seed {seed}: reusing the finished run in {seed_cfg.out}")
+        else:
+            main(seed_cfg)
+        per_seed.append([json.loads((f / "results.json").read_text()) for f in folders.values()])
+    report = seeds_markdown(per_seed, cfg, seeds)
+    write_text_atomic(root / "seeds.md", report)
+    print("\n" + report + f"\nwritten to {root / 'seeds.md'}")
+    return {"per_seed": per_seed}
+
+
 def cli(argv=None):
     """Exit status: 0 done, 2 a user mistake (one line, no traceback), 3 a NaN/inf loss, 130 interrupted."""
     cfg = None
     try:
         cfg = parse_config(argv)
-        main(cfg)
+        run_seeds(cfg) if cfg.seeds else main(cfg)
     except (UserError, data_prep.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -256,18 +256,24 @@ def generation_worker(spec: dict) -> dict:
 def timing_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, extra_forward: bool) -> dict:
     import sftguard
 
-    median = statistics.median(seconds)
-    tokens_per_s = statistics.median(t / s for t, s in zip(tokens, seconds))
-    n_params = sftguard.count_params(model)
-    row = {"method": spec["method"], "model": spec["size"], "model_params": n_params,
-           "batch": f"{spec['batch_size']}x{round(statistics.mean(tokens) / spec['steps'] / spec['batch_size'])}",
-           "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
-           "tokens_per_s": tokens_per_s, "step_ms": 1000 * median / spec["steps"],
-           "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory(spec["device"]) - base_mem,
-           "repeats": len(seconds), "steps_per_repeat": spec["steps"], "repeat_s": seconds}
-    peak = spec.get("peak_flops")
-    if peak:  # model FLOPs: 6N per trained token (forward + backward), 2N more for a live teacher's forward
-        row["mfu"] = (6 + 2 * extra_forward) * n_params * tokens_per_s / peak
+    return {"method": spec["method"], "model": spec["size"], "model_params": sftguard.count_params(model),
+            "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
+            "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory(spec["device"]) - base_mem,
+            "steps_per_repeat": spec["steps"], "repeat_s": seconds, "repeat_tokens": tokens,
+            "flops_per_token_per_param": 6 + 2 * extra_forward}  # model FLOPs: 6N a trained token, 2N more for a live teacher
+
+
+def merge_rounds(runs: list[dict], peak_flops: float) -> dict:
+    """One row from the rounds of a configuration: the median repeat over all rounds, the largest peak memory."""
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    row = {**runs[0], "repeat_s": [s for r in runs for s in r["repeat_s"]], "repeat_tokens": [t for r in runs for t in r["repeat_tokens"]],
+           "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "peak_mem_delta_bytes": max(r["peak_mem_delta_bytes"] for r in runs)}
+    steps, seconds, tokens = row["steps_per_repeat"], row["repeat_s"], row["repeat_tokens"]
+    row.update(rounds=len(runs), repeats=len(seconds), batch=f"{row['batch_size']}x{round(statistics.mean(tokens) / steps / row['batch_size'])}",
+               tokens_per_s=statistics.median(t / s for t, s in zip(tokens, seconds)), step_ms=1000 * statistics.median(seconds) / steps)
+    if peak_flops:
+        row["mfu"] = row["flops_per_token_per_param"] * row["model_params"] * row["tokens_per_s"] / peak_flops
     return row
 
 
@@ -365,7 +371,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_sizes", default="", help="comma-joined QA pairs per step; default 16,64")
     p.add_argument("--methods", default="", help="comma-joined subset of: " + ", ".join(METHODS))
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per repeat (default 10; --quick 4)")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats after one warm-up repeat (default 5; --quick 3)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats after one warm-up repeat, per process (default 3)")
+    p.add_argument("--rounds", type=int, default=0, help="fresh processes per configuration, interleaved (default 3; --quick 1)")
     p.add_argument("--facts", type=int, default=1200, help="training facts (the default preset's stage 2: 600 known + 600 unknown)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and TRL's model) first")
@@ -398,23 +405,28 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS] + [s for s in sizes if s not in SIZES]
     if unknown:
         sys.exit(f"error: unknown method or size {', '.join(unknown)}; methods: {', '.join(METHODS)}; sizes: {', '.join(SIZES)}")
-    steps, repeats = args.steps or (4 if args.quick else 10), args.repeats or (3 if args.quick else 5)
+    steps, repeats = args.steps or (4 if args.quick else 8), args.repeats or (3 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 3)
 
     setup = prepare(Path(args.cache), args.facts)
     common = {"device": device, "threads": args.threads, "tokenizer": setup["tokenizer"], "facts": setup["facts"],
-              "steps": steps, "repeats": repeats, "compile": args.compile, "peak_flops": peak_flops}
-    rows, generation = [], []
-    for size, batch_size, method in itertools.product(sizes, batch_sizes, methods):
+              "steps": steps, "repeats": repeats, "compile": args.compile}
+    # Rounds go over every configuration in turn, so a change in the machine's load touches all methods alike.
+    configs = list(itertools.product(sizes, batch_sizes, methods))
+    runs = {config: [] for config in configs}
+    for round_no, (size, batch_size, method) in itertools.product(range(1, rounds + 1), configs):
         spec = {**common, "size": size, "batch_size": batch_size, "method": method}
         row = run_isolated(trl_worker if method == "trl-gkd" else train_worker, spec)
-        rows.append(row)
-        print(f"{method:20s} {size:3s} B={batch_size:<4d} " + (f"error: {row['error']}" if "error" in row else
-              f"{row['tokens_per_s']:10,.0f} tok/s {row['step_ms']:8.1f} ms/step  peak {mb(row['peak_mem_bytes'])} MB "
+        runs[(size, batch_size, method)].append(row)
+        print(f"round {round_no}/{rounds} {method:20s} {size:3s} B={batch_size:<4d} " + (f"error: {row['error']}" if "error" in row else
+              f"{sum(row['repeat_tokens']) / sum(row['repeat_s']):10,.0f} tok/s  peak {mb(row['peak_mem_bytes'])} MB "
               f"(+{mb(row['peak_mem_delta_bytes'])})"), flush=True)
+    rows = [merge_rounds(runs[config], peak_flops) for config in configs]
+    generation = []
     if not args.no_generation:
         for size in sizes:
             spec = {**common, "size": size, "method": "generation", "batch_size": 32, "repeats": 1 if args.quick else 3,
-                    "questions": 64 if args.quick else 256, "slick_facts": 8 if args.quick else 32}
+                    "questions": 32 if args.quick else 256, "slick_facts": 4 if args.quick else 32}
             generation.append(run_isolated(generation_worker, spec))
             g = generation[-1]
             print(f"generation {size}: " + (f"error: {g['error']}" if "error" in g else
@@ -422,7 +434,7 @@ def main(argv=None):
     result = {"meta": {"command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:])),
                        "device": device, "device_name": device_name, "threads": args.threads, "torch": torch.__version__,
                        "sizes": {s: SIZES[s] for s in sizes}, "facts": len(setup["facts"]), "steps_per_repeat": steps,
-                       "repeats": repeats, "compile": args.compile, "peak_flops": peak_flops or None,
+                       "repeats": repeats, "rounds": rounds, "compile": args.compile, "peak_flops": peak_flops or None,
                        "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M"),
                        "wall_s": time.perf_counter() - wall},
               "rows": rows, "ratios": ratios(rows), "generation": generation}
