@@ -101,7 +101,8 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="fp32", metadata={"help": "selfdistill: fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
+    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (fp32 if it fits in teacher_cache_max_mb, else live: always exact) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
+    teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
     kl_chunk: int = field(default=128, metadata={"help": "selfdistill: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
     trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
@@ -120,7 +121,7 @@ class Config:
     # --- 8. The hypothesis experiments (why SFT forgets)
     experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: run the paper's hypothesis experiments instead of --method (writes DIR/<experiment>.json, experiments.md)"})
     exp_counts: str = field(default="100,300,1000", metadata={"help": "numbers of synthetic new facts per condition (comma list; the paper: 1e3..1e6)"})
-    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths of the base model besides --n_embd (comma list); empty: n_embd/2. Each is pretrained once and cached"})
+    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths of the base model besides --n_embd (comma list); empty: 3/4 n_embd. Each is pretrained once and cached"})
     exp_relation: str = field(default="country", metadata={"help": "the one relation of the synthetic new facts (the paper's P17 analogue)"})
     exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: at most this many epochs to fit UUID-key facts to the name-key facts' accuracy; 0 = 3 x --epochs"})
 
@@ -136,7 +137,7 @@ PRESETS = {
                   slick_max_facts=0, n_known=3000, n_unknown=3000, n_held=2000, n_val=300, eval_max=2000, batch_size=64),
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
-TEACHER_CACHES = ("fp32", "bf16", "topk", "live")
+TEACHER_CACHES = ("auto", "fp32", "bf16", "topk", "live")
 # --method all: every method once from the same teacher; freeze twice, as in the paper's Table 1.
 ALL_RUNS = (("known_only", None), ("sft", None), ("selfdistill", None), ("freeze", "attn"), ("freeze", "mlp"), ("l2", None))
 
@@ -185,6 +186,8 @@ def check_config(cfg: Config):
         raise UserError("--teacher_topk must be >= 1 and --kl_chunk >= 0")
     if cfg.kl_chunk == 0 and cfg.teacher_cache != "live":
         raise UserError("--kl_chunk 0 (the plain Eq. 1-2 function) takes the teacher's logits: use it with --teacher_cache live")
+    if cfg.teacher_cache_max_mb < 0:
+        raise UserError("--teacher_cache_max_mb must be >= 0")
     for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max", "eval_batch_size",
                  "stage1_patience", "n_layer", "n_embd", "n_head", "mlp_ratio", "pretrain_epochs", "pretrain_batch_size", "pretrain_block"):
         if getattr(cfg, name) < 1:
@@ -579,8 +582,10 @@ def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None
 # 4. Training: the losses, parameter-group freezing, and the one loop every stage and method uses
 # =====================================================================================================
 def next_token_loss(logits, labels, batch=None):
-    """Cross-entropy on the target tokens; -100 marks the prompt and padding, which are not targets."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    """Cross-entropy on the target tokens; -100 marks the prompt and padding, which are not targets (and are
+    dropped before the softmax: on QA pairs most positions are prompt, and each costs a vocabulary-wide row)."""
+    target = labels != -100
+    return F.cross_entropy(logits[target].float(), labels[target])
 
 
 def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: float, temperature: float):
@@ -667,13 +672,23 @@ def teacher_answer_log_probs(teacher_logits, labels, temperature: float):
     return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
 
 
+def teacher_cache_mode(teacher, batches, cfg: Config) -> str:
+    """cfg.teacher_cache, with auto resolved: the exact fp32 cache if it fits in teacher_cache_max_mb, else live."""
+    if cfg.teacher_cache != "auto":
+        return cfg.teacher_cache
+    if not hasattr(batches, "answer_tokens"):  # no training set to cache
+        return "live"
+    cache_bytes = batches.answer_tokens * teacher.get_output_embeddings().weight.shape[0] * 4
+    return "fp32" if cache_bytes <= cfg.teacher_cache_max_mb * 2**20 else "live"
+
+
 @torch.no_grad()
-def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
+def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
     """The teacher's log-probabilities at tau on every answer token of the training set, computed once.
 
     Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
-    a batch in any order finds its rows by its examples' "index". cfg.teacher_cache: fp32 (exact) or bf16
-    full-vocabulary rows; topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
+    a batch in any order finds its rows by its examples' "index". mode: fp32 (exact) or bf16 full-vocabulary rows;
+    topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
     if not hasattr(batches, "batch_of"):
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
@@ -684,15 +699,18 @@ def build_teacher_cache(teacher, batches, cfg: Config) -> dict:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         log_p = teacher_answer_log_probs(logits, batch["labels"][:, 1:], cfg.temperature)
-        if cfg.teacher_cache == "topk":
+        if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
             log_ps.append(torch.cat([top, log_tail], dim=-1))
             ids.append(top_ids.int())
         else:
-            log_ps.append(log_p.to(torch.bfloat16 if cfg.teacher_cache == "bf16" else torch.float32))
+            log_ps.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
         offsets += (offsets[-1] + (batch["labels"][:, 1:] != -100).sum(1).cumsum(0)).tolist()
-    return {"log_p": torch.cat(log_ps), "ids": torch.cat(ids) if ids else None, "offsets": offsets}
+    cache = {"log_p": torch.cat(log_ps), "ids": torch.cat(ids) if ids else None, "offsets": offsets}
+    size = sum(t.numel() * t.element_size() for t in (cache["log_p"], cache["ids"]) if t is not None)
+    tqdm.write(f"teacher cache ({mode}): {len(cache['log_p'])} answer tokens of {batches.size} examples, {size / 2**20:.1f} MB")
+    return cache
 
 
 def cached_teacher_rows(cache: dict, index: torch.Tensor):
@@ -781,6 +799,7 @@ def qa_batches(tokenizer, facts: list[dict], batch_size: int):
             yield batch_of(order[start:start + batch_size])
     epoch.batch_of = batch_of
     epoch.size = len(examples)
+    epoch.answer_tokens = sum(t != -100 for _, labels in examples for t in labels)
     epoch.steps = math.ceil(len(examples) / batch_size)
     return epoch
 
@@ -963,15 +982,17 @@ def freeze_as_teacher(model):
 def method_loss(method: str, student, teacher, cfg: Config, batches=None):
     """The loss of each method, on shifted logits and labels. batches: the qa_batches the loss will see (a cached
     teacher is computed on them, once)."""
-    if method == "selfdistill" and cfg.teacher_cache != "live":
-        cache = build_teacher_cache(teacher, batches, cfg)  # the loss below holds the cache, not the teacher
-
-        def cached_loss_fn(logits, labels, batch):
-            teacher_log_p, teacher_ids = cached_teacher_rows(cache, batch["index"])
-            return self_distillation_loss_chunked(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
-                                                  cfg.kl_chunk, teacher_ids)[0]
-        return cached_loss_fn
     if method == "selfdistill":
+        mode = teacher_cache_mode(teacher, batches, cfg)
+        if mode != "live":  # the teacher's answer-token log-probs, once; the loss holds them, not the teacher
+            cache = build_teacher_cache(teacher, batches, cfg, mode)
+
+            def cached_loss_fn(logits, labels, batch):
+                teacher_log_p, teacher_ids = cached_teacher_rows(cache, batch["index"])
+                return self_distillation_loss_chunked(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
+                                                      cfg.kl_chunk, teacher_ids)[0]
+            return cached_loss_fn
+
         def loss_fn(logits, labels, batch):
             with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -1120,13 +1141,14 @@ def experiment_plan(cfg: Config) -> tuple[list[str], list[int], list[int]]:
         raise UserError(f"unknown --experiment {cfg.experiment!r}; choose one of {', '.join(EXPERIMENTS + ('all',))}")
     try:
         counts = sorted({int(c) for c in cfg.exp_counts.split(",") if c.strip()})
-        widths = sorted(({int(w) for w in cfg.exp_widths.split(",") if w.strip()} or {cfg.n_embd // 2}) | {cfg.n_embd})
+        # default: 3/4 of n_embd (a half-width model on the default world knows too few facts for D_held)
+        widths = sorted(({int(w) for w in cfg.exp_widths.split(",") if w.strip()} or {3 * cfg.n_embd // 4 // cfg.n_head * cfg.n_head}) | {cfg.n_embd})
     except ValueError:
         raise UserError("--exp_counts and --exp_widths take comma-separated whole numbers, e.g. --exp_counts 100,300,1000") from None
     if not counts or counts[0] < 1:
         raise UserError(f"--exp_counts {cfg.exp_counts!r}: give at least one count >= 1, e.g. 100,300,1000")
     if any(w < cfg.n_head or w % cfg.n_head for w in widths):
-        raise UserError(f"--exp_widths {cfg.exp_widths or 'n_embd/2'}: every width must be a multiple of --n_head {cfg.n_head}")
+        raise UserError(f"--exp_widths {cfg.exp_widths or '3/4 n_embd'}: every width must be a multiple of --n_head {cfg.n_head}")
     if cfg.exp_fit_epochs < 0:
         raise UserError("--exp_fit_epochs must be >= 0 (0 = 3 x --epochs)")
     return names, counts, widths
@@ -1440,6 +1462,8 @@ def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, 
     top = counts[-1]
     drift = {(k, m): find_row(rows, key=k, count=top, method=m)["drift"] for k in KEY_TYPES for m in ("sft", "selfdistill")}
     sd, l2 = find_row(rows, key="name", count=top, method="selfdistill"), find_row(rows, key="name", count=top, method="l2")
+    level = min(sd["new_acc"], l2["new_acc"])
+    sd_at, l2_at = forgetting_at_new_acc(sd, level), forgetting_at_new_acc(l2, level)
     nums = lambda xs: ", ".join(pct(x) for x in xs)  # noqa: E731
     matched = {key: [] for key in KEY_TYPES}  # the same at equal new-fact accuracy
     for n in counts:
@@ -1459,7 +1483,8 @@ def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, 
          drift[("name", "sft")] > max(drift[("uuid", "sft")], drift[("name", "selfdistill")]),
          f"{pct2(drift[('name', 'sft')])} vs {pct2(drift[('uuid', 'sft')])} and {pct2(drift[('name', 'selfdistill')])}"),
         ("gradient-matched L2 forgetting >= 2x self-distillation's", l2["forgetting"] >= 2 * sd["forgetting"],
-         f"{pct(l2['forgetting'])} vs {pct(sd['forgetting'])}"),
+         f"{pct(l2['forgetting'])} vs {pct(sd['forgetting'])} (new-fact accuracy {pct(l2['new_acc'])} vs {pct(sd['new_acc'])})"),
+        ("the same at equal new-fact accuracy", l2_at >= 2 * sd_at, f"{pct(l2_at)} vs {pct(sd_at)} at {pct(level)}"),
     ]
 
 
@@ -1488,9 +1513,16 @@ def interference_markdown(result: dict) -> str:
         lines.append(f"| {n} | {pct(target)} | {pct(forgetting_at_new_acc(name, target))} | {pct(forgetting_at_new_acc(uuid, target))} |")
     probe = result["l2_probe"]
     lines += ["", f"Controls at {top} name-key facts (L2 weight {probe['l2_weight']:.3g}, matched to the self-distillation "
-              f"KL gradient over {probe['steps']} probe steps):\n", "| method | new-fact acc | D_held acc | forgetting | drift |", "|---|---|---|---|---|"]
-    for r in [find_row(rows, key="name", count=top, method=m) for m in ("sft", "selfdistill", "l2")] + [find_row(rows, method="known_only")]:
-        lines.append(f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} |")
+              f"KL gradient over {probe['steps']} probe steps); the last column compares them where each first reached the "
+              "lowest of their final new-fact accuracies:\n",
+              "| method | new-fact acc | D_held acc | forgetting | drift | forgetting at equal new-fact acc |", "|---|---|---|---|---|---|"]
+    controls = [find_row(rows, key="name", count=top, method=m) for m in ("sft", "selfdistill", "l2")]
+    target = min(r["new_acc"] for r in controls)
+    for r in controls + [find_row(rows, method="known_only")]:
+        at = forgetting_at_new_acc(r, target) if r["method"] != "known_only" else None
+        lines.append(f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} | "
+                     f"{pct(at)} ({pct(target)}) |" if at is not None else
+                     f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} | – |")
     epochs = max(len(r["curve"]) for r in rows) - 1
     lines += ["", f"Drift % over training at {top} new facts (0 for the base model; 'stage 1' is the teacher):\n",
               "| condition | stage 1 | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " |", "|---|---|" + "---|" * epochs]

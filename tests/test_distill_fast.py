@@ -129,10 +129,10 @@ def models(smoke_base):
 def test_teacher_cache_rows_are_each_examples_own(models):
     teacher, _, tokenizer, facts, cfg = models
     batches = S.qa_batches(tokenizer, facts, 8)
-    cache = S.build_teacher_cache(teacher, batches, replace(cfg, teacher_cache="fp32", batch_size=7))
+    cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7), "fp32")
     counts = [int((batches.batch_of([i])["labels"][0, 1:] != -100).sum()) for i in range(len(facts))]
     assert [end - start for start, end in zip(cache["offsets"], cache["offsets"][1:])] == counts
-    assert cache["offsets"][-1] == len(cache["log_p"])
+    assert cache["offsets"][-1] == len(cache["log_p"]) == batches.answer_tokens
     for i in (0, 5, len(facts) - 1):  # alone, unpadded: the same rows
         one = batches.batch_of([i])
         with torch.no_grad():
@@ -173,6 +173,17 @@ def test_fast_method_loss_equals_plain(models, mode, loss_rtol, grad_rtol):
     losses, grad = epoch_losses_and_grads(student, teacher, batches, replace(cfg, teacher_cache=mode, teacher_topk=64, kl_chunk=5))
     assert torch.allclose(losses, live_losses, rtol=loss_rtol, atol=0)
     assert ((grad - live_grad).norm() / live_grad.norm()).item() < grad_rtol
+
+
+def test_auto_caches_in_fp32_when_the_cache_fits_and_runs_the_teacher_live_when_not(models):
+    teacher, _, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    row_bytes = teacher.get_output_embeddings().weight.shape[0] * 4
+    fits = -(-batches.answer_tokens * row_bytes // 2**20)  # MiB, rounded up
+    assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="auto", teacher_cache_max_mb=fits)) == "fp32"
+    assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="auto", teacher_cache_max_mb=fits - 1)) == "live"
+    assert S.teacher_cache_mode(teacher, None, replace(cfg, teacher_cache="auto")) == "live"  # nothing to cache
+    assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="topk")) == "topk"
 
 
 def test_cached_loss_does_not_hold_the_teacher(models):

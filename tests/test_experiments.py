@@ -143,7 +143,8 @@ def test_smoke_experiment_writes_its_files(smoke_base, smoke_dirs, tmp_path):
     argv = ["--preset", "smoke", "--experiment", "all", "--out", str(out), "--data", str(smoke_dirs["data"]),
             "--cache_dir", str(smoke_dirs["cache"]), "--device", "cpu"]
     S.main(S.parse_config(argv))
-    fields = {"condition", "key", "count", "width", "method", "forgetting", "new_acc", "drift", "curve"}
+    fields = {"condition", "key", "count", "width", "method", "forgetting", "new_acc", "drift", "curve",
+              "forgetting_same_relation", "forgetting_other_relations"}
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in S.EXPERIMENTS}
     for name, result in results.items():
         assert result["rows"] and all(fields <= set(r) for r in result["rows"]), name
@@ -159,7 +160,7 @@ def test_smoke_experiment_writes_its_files(smoke_base, smoke_dirs, tmp_path):
     assert l2["l2_weight"] == pytest.approx(inter["l2_probe"]["l2_weight"]) and l2["l2_weight"] > 0
     assert {r["width"] for r in results["capacity"]["rows"]} == {64, 96}
     fitted = results["cloning"]["rows"][3]
-    assert fitted["fit_target"] == results["cloning"]["rows"][1]["new_acc"]
+    assert fitted["fit_target"] == min(results["cloning"]["rows"][1]["new_acc"], 0.95)
     assert fitted["new_acc"] >= fitted["fit_target"] or fitted["epochs"] == 3 * smoke_base.cfg.epochs
     report = (out / "experiments.md").read_text()
     for heading in ("Localized interference", "Capacity", "Behaviour cloning", "| new facts | key | method |"):
