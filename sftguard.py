@@ -92,12 +92,12 @@ class Config:
 
     # --- 5. Stage 1: task-format learning
     stage1_epochs: int = field(default=10, metadata={"help": "at most this many epochs on D_known (paper: 1), stopped on the validation split"})
-    stage1_lr: float = field(default=3e-4, metadata={"help": "learning rate of stage 1"})
+    stage1_lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 1"})
     stage1_patience: int = field(default=2, metadata={"help": "stop stage 1 after this many epochs without a better validation accuracy"})
 
     # --- 6. Stage 2: factual SFT
-    epochs: int = field(default=8, metadata={"help": "epochs of stage 2 on D_known + D_unknown"})
-    lr: float = field(default=3e-4, metadata={"help": "learning rate of stage 2 (paper: 5e-5 for 1.5B-8B models)"})
+    epochs: int = field(default=12, metadata={"help": "epochs of stage 2 on D_known + D_unknown"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 2 (paper: 5e-5 for 1.5B-8B models)"})
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
@@ -131,10 +131,12 @@ PRESETS = {
     "smoke": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, pretrain_epochs=40, pretrain_lr=5e-3,
                   pretrain_block=64, pretrain_batch_size=16,
                   slick_prompts=2, slick_shots=2, slick_samples=2, n_known=30, n_unknown=30, n_held=20, n_val=10,
-                  stage1_epochs=2, epochs=2, eval_max=60, exp_counts="10,30,100", exp_widths="96"),
+                  stage1_epochs=2, epochs=2, stage1_lr=3e-4, lr=3e-4, eval_max=60, exp_counts="10,30,100", exp_widths="96"),
     "default": dict(),
     "large": dict(n_layer=8, n_embd=256, n_head=8, vocab_size=2048, pretrain_epochs=60, slick_prompts=10, slick_samples=16,
                   slick_max_facts=0, n_known=3000, n_unknown=3000, n_held=2000, n_val=300, eval_max=2000, batch_size=64),
+    "ci": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=768, pretrain_epochs=60,
+               slick_prompts=2, slick_samples=2, n_known=200, n_unknown=200, n_held=150, n_val=40),
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
 TEACHER_CACHES = ("auto", "fp32", "bf16", "topk", "live")
@@ -1931,6 +1933,39 @@ def seeds_markdown(per_seed: list[list[dict]], cfg: Config, seeds: list[int]) ->
     return "\n".join(lines) + "\n"
 
 
+def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[int]) -> bool:
+    """forgetting.png: held-out and new-fact accuracy after every stage-2 epoch, one line per method, mean over
+    seeds (band: ± sd). Returns False when matplotlib (an optional extra) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_held, ax_new) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharex=True)
+    for i, runs in enumerate(zip(*per_seed)):  # one method, every seed
+        name = run_name(runs[0]["method"], runs[0]["trainable"])
+        epochs = [p["epoch"] for p in runs[0]["curve"]]
+        for ax, key in ((ax_held, "held_acc"), (ax_new, "unknown_acc")):
+            if key == "unknown_acc" and runs[0]["method"] == "known_only":
+                continue
+            values = torch.tensor([[100 * p[key] for p in r["curve"]] for r in runs])
+            mean, sd = values.mean(0), values.std(0) if len(runs) > 1 else torch.zeros(len(epochs))
+            ax.plot(epochs, mean, "o-", ms=3, color=f"C{i}", label=name)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=f"C{i}", alpha=0.15)
+    ax_held.set_ylabel("held-out accuracy, D_held (%)  (its drop is forgetting)")
+    ax_new.set_ylabel("new-fact accuracy, D_unknown (%)")
+    for ax in (ax_held, ax_new):
+        ax.set_xlabel("stage-2 epoch (0 = the teacher)")
+        ax.grid(alpha=0.3)
+    fig.legend(*ax_held.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)  # below both panels
+    fig.suptitle(f"Forgetting over training, mean ± sd over seeds {', '.join(map(str, seeds))}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def run_seeds(cfg: Config) -> dict:
     """--seeds 0,1,2: the same study once per seed (each from its own teacher), then mean ± sd of every method."""
     seeds = parse_seeds(cfg.seeds)
@@ -1945,6 +1980,9 @@ def run_seeds(cfg: Config) -> dict:
             main(seed_cfg)
         per_seed.append([json.loads((f / "results.json").read_text()) for f in folders.values()])
     report = seeds_markdown(per_seed, cfg, seeds)
+    plotted = plot_forgetting_curves(root / "forgetting.png", per_seed, seeds)
+    report += ("\n![forgetting over training](forgetting.png)\n" if plotted else
+               "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n")
     write_text_atomic(root / "seeds.md", report)
     print("\n" + report + f"\nwritten to {root / 'seeds.md'}")
     return {"per_seed": per_seed}

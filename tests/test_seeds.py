@@ -35,3 +35,18 @@ def test_seeds_table_reports_mean_and_sd():
 def test_bad_seeds_are_refused(spec):
     with pytest.raises(S.UserError):
         S.parse_seeds(spec)
+
+
+def test_forgetting_plot_is_drawn_from_every_seeds_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    per_seed = [[fake_result("known_only", [0.8, 0.8], [0.0, 0.0]), fake_result("sft", [0.8, 0.6], [0.0, 0.95])],
+                [fake_result("known_only", [0.8, 0.7], [0.0, 0.0]), fake_result("sft", [0.8, 0.7], [0.0, 0.90])]]
+    assert S.plot_forgetting_curves(tmp_path / "forgetting.png", per_seed, [0, 1])
+    assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forgetting_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    per_seed = [[fake_result("sft", [0.8, 0.6], [0.0, 0.95])]]
+    assert S.plot_forgetting_curves(tmp_path / "forgetting.png", per_seed, [0]) is False
+    assert not (tmp_path / "forgetting.png").exists()
