@@ -1,6 +1,6 @@
 """Build the fact data that sftguard.py trains and evaluates on.
 
-  python data_prep.py [--preset smoke|default|large] [--seed N] [--out DIR]    # synthetic world
+  python data_prep.py [--preset smoke|ci|default|large] [--seed N] [--out DIR]    # synthetic world
   python data_prep.py --source entityquestions --eq_dir PATH [--eq_splits train,dev]  # real QA files
 
 Output folder: facts.jsonl (one fact per line), pretrain.jsonl (synthetic only: one {"text"} document
@@ -34,7 +34,7 @@ def qa_text(question: str, answer: str) -> str:
 @dataclass
 class WorldConfig:
     source: str = field(default="synthetic", metadata={"help": "synthetic | entityquestions", "choices": ["synthetic", "entityquestions"]})
-    preset: str = field(default="default", metadata={"help": "synthetic world size: smoke | default | large"})
+    preset: str = field(default="default", metadata={"help": "synthetic world size: smoke | ci | default | large"})
     seed: int = field(default=0, metadata={"help": "world seed: names, values, corpus order, EQ sampling"})
     out: Optional[str] = field(default=None, metadata={"help": "output folder (default data/world-<preset> or data/entityquestions)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing finished output folder"})
@@ -56,6 +56,7 @@ WORLD_PRESETS = {
     "smoke": {"n_known_entities": 60, "n_unknown_entities": 30, "n_uuid_entities": 30, "n_relations": 3, "bios_per_entity": 2},
     "default": {},
     "large": {"n_known_entities": 3000, "n_unknown_entities": 1500, "n_uuid_entities": 1500},
+    "ci": {"n_known_entities": 200, "n_unknown_entities": 120, "n_uuid_entities": 30},
 }
 
 

@@ -52,7 +52,7 @@ from data_prep import QA_PROMPT, qa_text
 @dataclass
 class Config:
     method: str = field(default="selfdistill", metadata={"help": "sft | selfdistill | freeze | known_only | l2 | all (every method from one shared teacher)"})
-    preset: str = field(default="default", metadata={"help": "smoke (seconds; for tests) | default (the documented CPU run) | large (GPU or a patient CPU)"})
+    preset: str = field(default="default", metadata={"help": "smoke (seconds; plumbing tests) | ci (a few minutes; the test that SFT forgets more than self-distillation) | default (the documented CPU run) | large (GPU or a patient CPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the few-shot prompts and training (the world and base model have their own)"})
     data: str = field(default="", metadata={"help": "folder written by data_prep.py; empty: data/world-<preset>, built on first use"})
     out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>"})
@@ -112,7 +112,7 @@ class Config:
     unknown_answer: str = field(default="", metadata={"help": "if set (e.g. \"I don't know\"), stage 2 trains D_unknown with this answer instead of the gold one and reports how often each split is answered with it"})
     sweep: str = field(default="", metadata={"help": "the frontier: kl_weight=0,0.25,1 (selfdistill) | temperature=... (selfdistill) | l2_weight=... (l2), each from one teacher, plus the controls"})
 
-    seeds: str = field(default="", metadata={"help": "run the study once per seed (e.g. 0,1,2) into <out>/seed<N>, then write seeds.md: mean and sd of every method (a seed already finished there is reused)"})
+    seeds: str = field(default="", metadata={"help": "run the study (or --experiment) once per seed (e.g. 0,1,2) into <out>/seed<N>, then write seeds.md (experiments-seeds.md): mean and sd over seeds (a seed already finished there is reused)"})
 
     # --- 1./6. Evaluation
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
@@ -135,8 +135,10 @@ PRESETS = {
     "default": dict(),
     "large": dict(n_layer=8, n_embd=256, n_head=8, vocab_size=2048, pretrain_epochs=60, slick_prompts=10, slick_samples=16,
                   slick_max_facts=0, n_known=3000, n_unknown=3000, n_held=2000, n_val=300, eval_max=2000, batch_size=64),
-    "ci": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=768, pretrain_epochs=60,
-               slick_prompts=2, slick_samples=2, n_known=200, n_unknown=200, n_held=150, n_val=40),
+    # ci: a reduced world (data_prep.WORLD_PRESETS["ci"]) and model on which plain SFT still clearly forgets more than
+    # self-distillation (tests/test_central_finding.py, 3-4 minutes on a 2-core CPU). Stage 2 keeps the default lr and epochs.
+    "ci": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=768, slick_prompts=2, slick_samples=2,
+               n_known=200, n_unknown=400, n_held=150, n_val=40),
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
 TEACHER_CACHES = ("auto", "fp32", "bf16", "topk", "live")
@@ -200,8 +202,8 @@ def check_config(cfg: Config):
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
     if cfg.seeds:
         parse_seeds(cfg.seeds)
-        if cfg.sweep or cfg.experiment or cfg.resume:
-            raise UserError("--seeds repeats --method runs; it cannot be combined with --sweep, --experiment or --resume")
+        if cfg.sweep or cfg.resume:
+            raise UserError("--seeds repeats --method or --experiment runs; it cannot be combined with --sweep or --resume")
     if cfg.sweep:
         parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
     if cfg.experiment:
@@ -1966,9 +1968,68 @@ def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[i
     return True
 
 
+def mean_row(rows: list[dict]) -> dict:
+    """One condition's row averaged over seeds: every number, and the curve epoch by epoch where the seeds'
+    curves have the same epochs (a fitted condition may stop at different epochs: its curve is the first seed's)."""
+    first = rows[0]
+    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else v)
+           for k, v in first.items() if k != "curve"}
+    same_epochs = all([p["epoch"] for p in r["curve"]] == [p["epoch"] for p in first["curve"]] for r in rows)
+    out["curve"] = ([{k: statistics.mean(r["curve"][i][k] for r in rows) for k in point} for i, point in enumerate(first["curve"])]
+                    if same_epochs else first["curve"])
+    return out
+
+
+def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int]) -> str:
+    """Mean ± sd over seeds of every condition of every experiment, and the paper's findings checked on the means."""
+    lines = [f"# sftguard --experiment {cfg.experiment}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
+             f"Mean ± sd over {len(seeds)} seeds (each seed: its own split, teacher, new facts and training order); "
+             "all numbers %. Per-seed tables: seed*/experiments.md.", ""]
+    for name in per_seed[0]:
+        rows = [res[name]["rows"] for res in per_seed]
+        lines += [f"## {name}", "", "| condition | new facts | width | epochs | new-fact acc | D_held acc | forgetting | drift |",
+                  "|---|---|---|---|---|---|---|---|"]
+        order = sorted(range(len(rows[0])), key=lambda i: (rows[0][i]["method"] in ("known_only", "l2"), rows[0][i]["width"],
+                                                          rows[0][i]["count"], str(rows[0][i]["key"]), rows[0][i]["method"] != "sft"))
+        for i in order:
+            r, same = rows[0][i], [seed_rows[i] for seed_rows in rows]  # the experiments run their conditions in a fixed order
+            new = "–" if r["method"] == "known_only" else mean_sd([x["new_acc"] for x in same])
+            epochs = "/".join(str(x["epochs"]) for x in same) if r.get("fit_target") is not None else str(r["epochs"])
+            lines.append(f"| {r['condition']} | {r['count']} | {r['width']} | {epochs} | {new} | {mean_sd([x['held_acc'] for x in same])} | "
+                         f"{mean_sd([x['forgetting'] for x in same])} | {mean_sd([x['drift'] for x in same])} |")
+        if name == "interference":
+            means = [mean_row([seed_rows[i] for seed_rows in rows]) for i in range(len(rows[0]))]
+            lines += ["", "The paper's findings, checked on the means over seeds:", ""]
+            lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means, per_seed[0][name]["counts"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_experiment_seeds(cfg: Config, seeds: list[int]) -> dict:
+    """--experiment X --seeds 0,1,2: the experiments once per seed into DIR/seed<N>/ (finished seeds are reused),
+    then DIR/experiments-seeds.md with mean ± sd over seeds."""
+    root = Path(cfg.out or f"runs/{cfg.preset}/experiment-{cfg.experiment}-seeds")
+    names, _, _ = experiment_plan(cfg)
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
+        folder = Path(seed_cfg.out)
+        if all((folder / f"{n}.json").is_file() for n in names) and not cfg.overwrite:
+            print(f"seed {seed}: reusing the finished experiments in {folder}")
+            per_seed.append({n: json.loads((folder / f"{n}.json").read_text()) for n in names})
+        else:
+            per_seed.append(run_experiments(seed_cfg))
+    report = experiment_seeds_markdown(per_seed, cfg, seeds)
+    write_text_atomic(root / "experiments-seeds.md", report)
+    print("\n" + report + f"\nwritten to {root / 'experiments-seeds.md'}")
+    return {"per_seed": per_seed}
+
+
 def run_seeds(cfg: Config) -> dict:
     """--seeds 0,1,2: the same study once per seed (each from its own teacher), then mean ± sd of every method."""
     seeds = parse_seeds(cfg.seeds)
+    if cfg.experiment:
+        return run_experiment_seeds(cfg, seeds)
     root = Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seeds")
     per_seed = []
     for seed in seeds:

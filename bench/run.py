@@ -408,7 +408,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per repeat (default 6; --quick 4)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats after one warm-up repeat, per process (default 2; --quick 3)")
     p.add_argument("--rounds", type=int, default=0, help="fresh processes per configuration, interleaved (default 2; --quick 1)")
-    p.add_argument("--facts", type=int, default=1200, help="training facts (the default preset's stage 2: 600 known + 600 unknown)")
+    p.add_argument("--facts", type=int, default=1000, help="training facts (the default preset's stage 2: 500 known + 500 unknown)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and TRL's model) first")
     p.add_argument("--peak_flops", type=float, default=0, help="peak FLOP/s for MFU; default: known bf16 peak of the GPU, none on CPU")

@@ -50,3 +50,22 @@ def test_forgetting_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     per_seed = [[fake_result("sft", [0.8, 0.6], [0.0, 0.95])]]
     assert S.plot_forgetting_curves(tmp_path / "forgetting.png", per_seed, [0]) is False
     assert not (tmp_path / "forgetting.png").exists()
+
+
+def test_mean_row_averages_numbers_and_curves_over_seeds():
+    rows = [{"key": "name", "count": 10, "method": "sft", "forgetting": 0.2, "drift": 0.1, "fit_target": None,
+             "curve": [{"epoch": 0, "held_acc": 0.8}, {"epoch": 1, "held_acc": 0.6}]},
+            {"key": "name", "count": 10, "method": "sft", "forgetting": 0.4, "drift": 0.3, "fit_target": None,
+             "curve": [{"epoch": 0, "held_acc": 0.6}, {"epoch": 1, "held_acc": 0.4}]}]
+    m = S.mean_row(rows)
+    assert m["forgetting"] == pytest.approx(0.3) and m["drift"] == pytest.approx(0.2)
+    assert m["key"] == "name" and m["count"] == 10 and m["fit_target"] is None
+    assert [p["held_acc"] for p in m["curve"]] == pytest.approx([0.7, 0.5])
+    rows[1]["curve"] = rows[1]["curve"][:1]  # a fitted condition that stopped earlier: keep the first seed's curve
+    assert S.mean_row(rows)["curve"] == rows[0]["curve"]
+
+
+def test_seeds_combine_with_experiments_but_not_with_sweeps():
+    assert S.parse_config(["--experiment", "interference", "--seeds", "0,1"]).seeds == "0,1"  # checked and accepted
+    with pytest.raises(S.UserError, match="--sweep"):
+        S.parse_config(["--sweep", "kl_weight=0,1", "--seeds", "0,1"])
