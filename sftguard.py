@@ -11,9 +11,9 @@ Read it top to bottom beside the paper; the sections follow its order:
   4. Training                 the losses (CE, self-distillation Eq. 1-2, L2 pull), freezing, one loop
   5. Stage 1                  task-format learning on D_known; the snapshot is the frozen teacher
   6. Stage 2                  factual SFT on D_known + D_unknown by each method, evaluated every epoch
-  8. Why SFT forgets          the hypothesis experiments: capacity, behaviour cloning, localized interference;
+  7. Why SFT forgets          the hypothesis experiments: capacity, behaviour cloning, localized interference;
                               representation drift and the gradient-matched L2 control
-  9. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
+  8. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
 
     python sftguard.py --method selfdistill          # the paper's fix
     python sftguard.py --method all                  # every method from one shared teacher
@@ -118,7 +118,7 @@ class Config:
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
     eval_batch_size: int = field(default=256, metadata={"help": "prompts per generation batch"})
 
-    # --- 8. The hypothesis experiments (why SFT forgets)
+    # --- 7. The hypothesis experiments (why SFT forgets)
     experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: run the paper's hypothesis experiments instead of --method (writes DIR/<experiment>.json, experiments.md)"})
     exp_counts: str = field(default="100,300,1000", metadata={"help": "numbers of synthetic new facts per condition (comma list; the paper: 1e3..1e6)"})
     exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths of the base model besides --n_embd (comma list); empty: 3/4 n_embd. Each is pretrained once and cached"})
@@ -1128,7 +1128,7 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
 
 
 # =====================================================================================================
-# 8. Why SFT forgets: the hypothesis experiments (capacity, behaviour cloning, localized interference)
+# 7. Why SFT forgets: the hypothesis experiments (capacity, behaviour cloning, localized interference)
 # =====================================================================================================
 # New facts on one relation, keyed by fresh entities of two kinds: name-like keys that recombine the
 # sub-word pieces of known names, and UUID keys (digit codes) that share no token with them. Each
@@ -1627,7 +1627,7 @@ def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: 
 
 
 # =====================================================================================================
-# 9. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
+# 8. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
 # =====================================================================================================
 def write_json_atomic(path: Path, obj):
     """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
@@ -1834,7 +1834,7 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
 
 def main(cfg: Config) -> dict:
     wall_start = time.perf_counter()
-    if cfg.experiment:  # 8. the hypothesis experiments: their own conditions from the same teacher path
+    if cfg.experiment:  # 7. the hypothesis experiments: their own conditions from the same teacher path
         return run_experiments(cfg)
     folders = output_folders(cfg)
     checkpoints = run_root(cfg) / "checkpoints"
@@ -1865,7 +1865,7 @@ def main(cfg: Config) -> dict:
         result["wall_s"] = time.perf_counter() - wall_start
         write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
 
-    # 9. Report
+    # 8. Report
     table = table1(results)
     print("\n" + table)
     if cfg.method == "all":
@@ -1972,7 +1972,7 @@ def mean_row(rows: list[dict]) -> dict:
     """One condition's row averaged over seeds: every number, and the curve epoch by epoch where the seeds'
     curves have the same epochs (a fitted condition may stop at different epochs: its curve is the first seed's)."""
     first = rows[0]
-    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else v)
+    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
            for k, v in first.items() if k != "curve"}
     same_epochs = all([p["epoch"] for p in r["curve"]] == [p["epoch"] for p in first["curve"]] for r in rows)
     out["curve"] = ([{k: statistics.mean(r["curve"][i][k] for r in rows) for k in point} for i, point in enumerate(first["curve"])]
