@@ -83,6 +83,7 @@ class Config:
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
+    n_kv_head: int = field(default=0, metadata={"help": "llama: key/value heads shared by the query heads (grouped-query attention, as in Qwen2.5 and Llama 3); 0 = n_head"})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP width / hidden width (the MLPs are where facts are stored)"})
     vocab_size: int = field(default=1024, metadata={"help": "byte-level BPE vocabulary trained on the corpus"})
     pretrain_epochs: int = field(default=60, metadata={"help": "passes over the pretraining corpus"})
@@ -101,7 +102,7 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (fp32 if it fits in teacher_cache_max_mb, else live: always exact) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
+    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token, computed once, and a copy of its output layer: the logits are one matmul away; exact to float rounding, d instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
     teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
     kl_chunk: int = field(default=128, metadata={"help": "selfdistill: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
@@ -141,7 +142,7 @@ PRESETS = {
                n_known=200, n_unknown=400, n_held=150, n_val=40),
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
-TEACHER_CACHES = ("auto", "fp32", "bf16", "topk", "live")
+TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
 # --method all: every method once from the same teacher; freeze twice, as in the paper's Table 1.
 ALL_RUNS = (("known_only", None), ("sft", None), ("selfdistill", None), ("freeze", "attn"), ("freeze", "mlp"), ("l2", None))
 
@@ -200,6 +201,8 @@ def check_config(cfg: Config):
         raise UserError(f"unknown --arch {cfg.arch!r}; choose llama or gpt2")
     if not cfg.model and cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
+    if not cfg.model and (cfg.n_kv_head < 0 or cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
+        raise UserError(f"--n_kv_head {cfg.n_kv_head} does not divide --n_head {cfg.n_head}; pass a divisor of the heads, or 0 for one per head")
     if cfg.seeds:
         parse_seeds(cfg.seeds)
         if cfg.sweep or cfg.resume:
@@ -402,6 +405,8 @@ def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.devi
 def base_model_key(cfg: Config, world: dict) -> str:
     spec = {k: getattr(cfg, k) for k in ("arch", "n_layer", "n_embd", "n_head", "mlp_ratio", "vocab_size",
                                          "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "pretrain_block")}
+    if cfg.n_kv_head not in (0, cfg.n_head):  # only then a different model (older caches keep their keys)
+        spec["n_kv_head"] = cfg.n_kv_head
     spec["world"] = world["fingerprint"]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -429,7 +434,7 @@ def make_model_config(cfg: Config, tokenizer):
         return GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_inner=cfg.mlp_ratio * cfg.n_embd,
                           n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     return LlamaConfig(num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
-                       num_key_value_heads=cfg.n_head, intermediate_size=cfg.mlp_ratio * cfg.n_embd,
+                       num_key_value_heads=cfg.n_kv_head or cfg.n_head, intermediate_size=cfg.mlp_ratio * cfg.n_embd,
                        max_position_embeddings=512, **ids)
 
 
@@ -608,20 +613,21 @@ def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: fl
 
 # The same loss, fast. The KL is taken a chunk of answer tokens at a time with its gradient written out, so no
 # full-vocabulary tensor is kept for the backward pass; and since the stage-2 inputs are fixed and the teacher
-# frozen, the teacher's answer-token log-probabilities can be computed once (build_teacher_cache) instead of by a
-# forward pass every step. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
-def self_distillation_loss_chunked(student_logits, teacher_log_p, labels, kl_weight: float, temperature: float,
-                                   chunk: int, teacher_ids=None):
-    """Eq. 1-2 as in self_distillation_loss, with the teacher given as log-probabilities at tau, one row per answer
-    token in the order of labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give
-    them. Returns (loss, kl)."""
+# frozen, the teacher's answer tokens can be computed once (build_teacher_cache) instead of by a forward pass every
+# step: as its last hidden states (the default; its logits are one matmul with its output layer away) or as
+# log-probabilities. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
+def self_distillation_loss_chunked(student_logits, teacher_rows, labels, kl_weight: float, temperature: float,
+                                   chunk: int, teacher_ids=None, teacher_head=None):
+    """Eq. 1-2 as in self_distillation_loss, with the teacher given one row per answer token in the order of
+    labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at
+    tau, or with teacher_head = (weight, bias) of its output layer, its last hidden states. Returns (loss, kl)."""
     answer = labels != -100
     answer_logits = student_logits[answer]
-    if len(answer_logits) != len(teacher_log_p):
-        raise RuntimeError(f"{len(teacher_log_p)} teacher rows for {len(answer_logits)} answer tokens: "
+    if len(answer_logits) != len(teacher_rows):
+        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(answer_logits)} answer tokens: "
                            f"the teacher cache was built for other examples than this batch")
     ce = F.cross_entropy(answer_logits.float(), labels[answer])
-    kl = ChunkedKL.apply(answer_logits, teacher_log_p, teacher_ids, temperature, chunk) / len(answer_logits)
+    kl = ChunkedKL.apply(answer_logits, teacher_rows, teacher_ids, teacher_head, temperature, chunk) / len(answer_logits)
     return ce + kl_weight * temperature**2 * kl, kl
 
 
@@ -630,36 +636,40 @@ class ChunkedKL(torch.autograd.Function):
     backward pass, so at most one chunk of full-vocabulary probabilities exists at once (plain autograd would keep
     every intermediate until backward). d KL / d logits = (p_student^tau - q) / tau.
 
-    q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype), or with teacher_ids [N, k]
-    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target)."""
+    q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
+    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
+    teacher_head = (weight, bias) its last hidden states [N, d], turned into logits a chunk at a time."""
 
     @staticmethod
-    def forward(ctx, logits, teacher_log_p, teacher_ids, temperature: float, chunk: int):
-        ctx.save_for_backward(logits, teacher_log_p, teacher_ids)
-        ctx.temperature, ctx.chunk = temperature, chunk
+    def forward(ctx, logits, teacher_rows, teacher_ids, teacher_head, temperature: float, chunk: int):
+        ctx.save_for_backward(logits, teacher_rows, teacher_ids)
+        ctx.teacher_head, ctx.temperature, ctx.chunk = teacher_head, temperature, chunk  # frozen: nothing to save
         total = torch.zeros((), device=logits.device)
         for start in range(0, len(logits), chunk):
-            log_p_student, log_q = kl_chunk_terms(logits, teacher_log_p, teacher_ids, slice(start, start + chunk), temperature)
+            log_p_student, log_q = kl_chunk_terms(logits, teacher_rows, teacher_ids, teacher_head,
+                                                  slice(start, start + chunk), temperature)
             total += (log_q.exp() * (log_q - log_p_student)).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        logits, teacher_log_p, teacher_ids = ctx.saved_tensors
+        logits, teacher_rows, teacher_ids = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, len(logits), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            log_p_student, log_q = kl_chunk_terms(logits, teacher_log_p, teacher_ids, rows, ctx.temperature)
+            log_p_student, log_q = kl_chunk_terms(logits, teacher_rows, teacher_ids, ctx.teacher_head, rows, ctx.temperature)
             grad[rows] = ((log_p_student.exp() - log_q.exp()) * (grad_total / ctx.temperature)).to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def kl_chunk_terms(logits, teacher_log_p, teacher_ids, rows, temperature: float):
+def kl_chunk_terms(logits, teacher_rows, teacher_ids, teacher_head, rows, temperature: float):
     """log p_student^tau and log q on the given rows, in float32."""
     log_p_student = F.log_softmax(logits[rows].float() / temperature, dim=-1)
+    if teacher_head is not None:  # the teacher's output layer on its cached hidden states: its logits, exactly
+        return log_p_student, F.log_softmax(F.linear(teacher_rows[rows], *teacher_head).float() / temperature, dim=-1)
     if teacher_ids is None:
-        return log_p_student, teacher_log_p[rows].float()
-    return log_p_student, teacher_target(log_p_student, teacher_log_p[rows].float(), teacher_ids[rows].long())
+        return log_p_student, teacher_rows[rows].float()
+    return log_p_student, teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
 
 
 def teacher_target(log_p_student, top_and_tail, ids):
@@ -677,51 +687,101 @@ def teacher_answer_log_probs(teacher_logits, labels, temperature: float):
 
 
 def teacher_cache_mode(teacher, batches, cfg: Config) -> str:
-    """cfg.teacher_cache, with auto resolved: the exact fp32 cache if it fits in teacher_cache_max_mb, else live."""
+    """cfg.teacher_cache, with auto resolved to the most compact exact cache: hidden if the teacher's logits are its
+    output layer on its last hidden state (checked on one example), else fp32 if it fits in teacher_cache_max_mb,
+    else live."""
+    if cfg.teacher_cache == "hidden" and not logits_from_last_hidden(teacher, batches):
+        raise UserError("--teacher_cache hidden: this model's logits are not its output layer applied to its last hidden "
+                        "state (e.g. soft-capped or scaled logits); use --teacher_cache fp32 or live")
     if cfg.teacher_cache != "auto":
         return cfg.teacher_cache
     if not hasattr(batches, "answer_tokens"):  # no training set to cache
         return "live"
+    if logits_from_last_hidden(teacher, batches):
+        return "hidden"
     cache_bytes = batches.answer_tokens * teacher.get_output_embeddings().weight.shape[0] * 4
     return "fp32" if cache_bytes <= cfg.teacher_cache_max_mb * 2**20 else "live"
 
 
 @torch.no_grad()
+def teacher_forward_with_hidden(teacher, batch):
+    """(logits, the input of the output layer): the hidden states the cache keeps, whatever the architecture."""
+    seen = []
+    hook = teacher.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        hook.remove()
+    return logits, seen[0]
+
+
+def output_head(teacher):
+    """(weight, bias) of the output layer, detached copies: the student's own may be tied to weights that train."""
+    head = teacher.get_output_embeddings()
+    return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+
+
+def logits_from_last_hidden(teacher, batches) -> bool:
+    """Whether logits == output layer(last hidden state) on the first training example (not so for soft-capped or
+    rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact."""
+    head = teacher.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or not hasattr(batches, "batch_of"):
+        return False
+    teacher.eval()
+    device = head.weight.device
+    batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
+    logits, hidden = teacher_forward_with_hidden(teacher, batch)
+    return logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, *output_head(teacher)).float(),
+                                                                     logits.float(), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
-    """The teacher's log-probabilities at tau on every answer token of the training set, computed once.
+    """The teacher on every answer token of the training set, computed once.
 
     Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
-    a batch in any order finds its rows by its examples' "index". mode: fp32 (exact) or bf16 full-vocabulary rows;
-    topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
+    a batch in any order finds its rows by its examples' "index". mode: hidden (exact): the teacher's last hidden
+    states, with a copy of its output layer in "head"; fp32 (exact) or bf16 full-vocabulary log-probabilities at
+    tau; topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
     if not hasattr(batches, "batch_of"):
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
     device = next(teacher.parameters()).device
-    log_ps, ids, offsets = [], [], [0]
+    rows, ids, offsets = [], [], [0]
     for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
         batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
         batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"][:, 1:]
+        offsets += (offsets[-1] + (labels != -100).sum(1).cumsum(0)).tolist()
+        if mode == "hidden":
+            rows.append(teacher_forward_with_hidden(teacher, batch)[1][:, :-1][labels != -100])
+            continue
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        log_p = teacher_answer_log_probs(logits, batch["labels"][:, 1:], cfg.temperature)
+        log_p = teacher_answer_log_probs(logits, labels, cfg.temperature)
         if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
-            log_ps.append(torch.cat([top, log_tail], dim=-1))
+            rows.append(torch.cat([top, log_tail], dim=-1))
             ids.append(top_ids.int())
         else:
-            log_ps.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
-        offsets += (offsets[-1] + (batch["labels"][:, 1:] != -100).sum(1).cumsum(0)).tolist()
-    cache = {"log_p": torch.cat(log_ps), "ids": torch.cat(ids) if ids else None, "offsets": offsets}
-    size = sum(t.numel() * t.element_size() for t in (cache["log_p"], cache["ids"]) if t is not None)
-    tqdm.write(f"teacher cache ({mode}): {len(cache['log_p'])} answer tokens of {batches.size} examples, {size / 2**20:.1f} MB")
+            rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
+    cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
+             "head": output_head(teacher) if mode == "hidden" else None}
+    tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
+               f"{teacher_cache_bytes(cache) / 2**20:.1f} MB")
     return cache
 
 
+def teacher_cache_bytes(cache: dict) -> int:
+    tensors = [cache["rows"], cache["ids"], *(cache["head"] or ())]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def cached_teacher_rows(cache: dict, index: torch.Tensor):
-    """The cached rows of a batch's examples, in the order of the batch's answer tokens: (log_p, ids or None)."""
+    """The cached rows of a batch's examples, in the order of the batch's answer tokens: (rows, ids or None)."""
     offsets = cache["offsets"]
-    rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["log_p"].device)
-    return cache["log_p"][rows], None if cache["ids"] is None else cache["ids"][rows]
+    rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["rows"].device)
+    return cache["rows"][rows], None if cache["ids"] is None else cache["ids"][rows]
 
 
 def l2_pull(model, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -988,13 +1048,13 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
     teacher is computed on them, once)."""
     if method == "selfdistill":
         mode = teacher_cache_mode(teacher, batches, cfg)
-        if mode != "live":  # the teacher's answer-token log-probs, once; the loss holds them, not the teacher
+        if mode != "live":  # the teacher's answer tokens, once; the loss holds them, not the teacher
             cache = build_teacher_cache(teacher, batches, cfg, mode)
 
             def cached_loss_fn(logits, labels, batch):
-                teacher_log_p, teacher_ids = cached_teacher_rows(cache, batch["index"])
-                return self_distillation_loss_chunked(logits, teacher_log_p, labels, cfg.kl_weight, cfg.temperature,
-                                                      cfg.kl_chunk, teacher_ids)[0]
+                teacher_rows, teacher_ids = cached_teacher_rows(cache, batch["index"])
+                return self_distillation_loss_chunked(logits, teacher_rows, labels, cfg.kl_weight, cfg.temperature,
+                                                      cfg.kl_chunk, teacher_ids, cache["head"])[0]
             return cached_loss_fn
 
         def loss_fn(logits, labels, batch):

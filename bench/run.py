@@ -48,7 +48,8 @@ METHODS = {
     "sft": ("sft", []),
     "selfdistill-plain": ("selfdistill", ["--teacher_cache", "live", "--kl_chunk", "0"]),  # Eq. 1-2 as written
     "selfdistill-live": ("selfdistill", ["--teacher_cache", "live"]),  # a teacher forward every step, chunked KL
-    "selfdistill-cached": ("selfdistill", ["--teacher_cache", "fp32"]),  # sftguard's default
+    "selfdistill-cached": ("selfdistill", ["--teacher_cache", "hidden"]),  # sftguard's default (auto picks it): last hidden states
+    "selfdistill-fp32": ("selfdistill", ["--teacher_cache", "fp32"]),  # full-vocabulary log-probabilities
     "selfdistill-bf16": ("selfdistill", ["--teacher_cache", "bf16"]),
     "selfdistill-topk": ("selfdistill", ["--teacher_cache", "topk"]),
     "freeze-attn": ("freeze", ["--trainable", "attn"]),
@@ -56,7 +57,7 @@ METHODS = {
     "trl-gkd": (None, []),  # without gradient checkpointing, like sftguard: the same work
     "trl-gkd-default": (None, []),  # TRL's default, gradient checkpointing on: less memory, more compute
 }
-QUICK_SKIPS = ("selfdistill-plain", "selfdistill-bf16", "selfdistill-topk", "trl-gkd-default")
+QUICK_SKIPS = ("selfdistill-plain", "selfdistill-fp32", "selfdistill-bf16", "selfdistill-topk", "trl-gkd-default")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 
 
@@ -178,8 +179,8 @@ def train_worker(spec: dict) -> dict:
     cache_s = time.perf_counter() - started if method == "selfdistill" and cfg.teacher_cache != "live" else None
     cache_bytes = None
     if cache_s is not None:
-        cache = next(c.cell_contents for c in loss_fn.__closure__ if isinstance(c.cell_contents, dict) and "log_p" in c.cell_contents)
-        cache_bytes = sum(t.numel() * t.element_size() for t in (cache["log_p"], cache["ids"]) if t is not None)
+        cache = next(c.cell_contents for c in loss_fn.__closure__ if isinstance(c.cell_contents, dict) and "rows" in c.cell_contents)
+        cache_bytes = sftguard.teacher_cache_bytes(cache)
     live_teacher = method == "selfdistill" and cfg.teacher_cache == "live"
     if not live_teacher:
         del teacher  # only a live teacher is needed while training (l2 keeps its own anchor copy)
@@ -383,7 +384,8 @@ def markdown(result: dict) -> str:
     lines += ["", "| ratio | model | batch size | value | target | met |", "|---|---|---|---|---|---|"]
     lines += [f"| {c['ratio']} | {c['model']} | {c['batch_size']} | {c['value']:.2f} | {c['target']} | {'yes' if c['met'] else 'no'} |"
               for c in result["ratios"]]
-    lines += ["", "| generation | model | params | eval questions/s | SliCK facts/s | peak mem MB |", "|---|---|---|---|---|---|"]
+    if result["generation"]:  # none with --no_generation
+        lines += ["", "| generation | model | params | eval questions/s | SliCK facts/s | peak mem MB |", "|---|---|---|---|---|---|"]
     for g in result["generation"]:
         if "error" in g:
             lines.append(f"| generation | {g.get('model', '')} | | not run: {g['error']} | | |")

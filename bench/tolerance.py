@@ -61,7 +61,8 @@ def main():
     plain = replace(cfg, teacher_cache="live", kl_chunk=0)
     ce, ce_grad = epoch_loss_and_grad(student, teacher, batches, replace(plain, kl_weight=0.0))
     ref, ref_grad = epoch_loss_and_grad(student, teacher, batches, plain)
-    modes = [("live (chunked)", dict(teacher_cache="live")), ("fp32", dict(teacher_cache="fp32")), ("bf16", dict(teacher_cache="bf16"))]
+    modes = [("live (chunked)", dict(teacher_cache="live")), ("hidden", dict(teacher_cache="hidden")), ("fp32", dict(teacher_cache="fp32")),
+             ("bf16", dict(teacher_cache="bf16"))]
     modes += [(f"topk{k}", dict(teacher_cache="topk", teacher_topk=int(k))) for k in args.topk.split(",")]
     rows = []
     for name, change in modes:

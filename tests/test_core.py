@@ -489,3 +489,17 @@ def test_split_facts_too_small_raises(sizes, split):
     cfg = S.Config(**{**dict(n_held=6, n_val=3, n_known=10, n_unknown=10), **sizes})
     with pytest.raises(S.UserError, match=f"for the {split} split.*--n_{split}"):
         S.split_facts(facts, categories, cfg, random.Random(0))
+
+
+def test_kv_heads_make_a_grouped_query_model_with_its_own_cache_key():
+    """--n_kv_head builds grouped-query attention (as in Qwen2.5 and Llama 3); it is a different base model, so a
+    different cache key, while 0 and n_head (one key/value head per query head) are the same model."""
+    tokenizer = S.train_tokenizer(["Berga Tolomi was born in Oslo."] * 4, vocab_size=300)
+    world = {"fingerprint": "f"}
+    cfg = S.parse_config(["--preset", "smoke", "--n_kv_head", "1"])
+    model = AutoModelForCausalLM.from_config(S.make_model_config(cfg, tokenizer))
+    head_dim = cfg.n_embd // cfg.n_head
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (1 * head_dim, cfg.n_embd)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (cfg.n_head * head_dim, cfg.n_embd)
+    keys = {kv: S.base_model_key(replace(cfg, n_kv_head=kv), world) for kv in (0, cfg.n_head, 1)}
+    assert keys[0] == keys[cfg.n_head] != keys[1]

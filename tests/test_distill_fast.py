@@ -1,5 +1,5 @@
-"""The fast self-distillation paths equal the plain Eq. 1-2 function: the chunked KL, the cached teacher (fp32
-exact, bf16 and top-k within their stated tolerances), in any batch order and with padding; and the teacher
+"""The fast self-distillation paths equal the plain Eq. 1-2 function: the chunked KL, the cached teacher (hidden
+states and fp32 exact, bf16 and top-k within their stated tolerances), in any batch order and with padding; and the teacher
 cache gives each example its own rows."""
 import copy
 import sys
@@ -64,7 +64,7 @@ def test_chunked_kl_keeps_no_full_vocabulary_intermediate_for_backward():
     log_p_teacher = teacher_rows(teacher, labels, 0.5)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        S.ChunkedKL.apply(answer_logits, log_p_teacher, None, 0.5, 4)
+        S.ChunkedKL.apply(answer_logits, log_p_teacher, None, None, 0.5, 4)
     assert {t.data_ptr() for t in saved if t is not None} <= {answer_logits.data_ptr(), log_p_teacher.data_ptr()}
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -132,12 +132,12 @@ def test_teacher_cache_rows_are_each_examples_own(models):
     cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7), "fp32")
     counts = [int((batches.batch_of([i])["labels"][0, 1:] != -100).sum()) for i in range(len(facts))]
     assert [end - start for start, end in zip(cache["offsets"], cache["offsets"][1:])] == counts
-    assert cache["offsets"][-1] == len(cache["log_p"]) == batches.answer_tokens
+    assert cache["offsets"][-1] == len(cache["rows"]) == batches.answer_tokens
     for i in (0, 5, len(facts) - 1):  # alone, unpadded: the same rows
         one = batches.batch_of([i])
         with torch.no_grad():
             logits = teacher(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits[:, :-1]
-        rows = cache["log_p"][cache["offsets"][i]:cache["offsets"][i + 1]]
+        rows = cache["rows"][cache["offsets"][i]:cache["offsets"][i + 1]]
         assert torch.allclose(rows, teacher_rows(logits, one["labels"][:, 1:], cfg.temperature), atol=1e-5)
     for epoch in range(2):  # random order and right padding: the gathered rows are this batch's live rows
         for batch in batches(torch.Generator().manual_seed(epoch)):
@@ -161,11 +161,11 @@ def epoch_losses_and_grads(student, teacher, batches, cfg):
     return torch.tensor(losses), torch.cat([p.grad.flatten() for p in student.parameters()])
 
 
-@pytest.mark.parametrize("mode,loss_rtol,grad_rtol", [("live", 1e-5, 1e-4), ("fp32", 1e-5, 1e-4), ("bf16", 1e-3, 1e-2),
+@pytest.mark.parametrize("mode,loss_rtol,grad_rtol", [("live", 1e-5, 1e-4), ("hidden", 1e-5, 1e-4), ("fp32", 1e-5, 1e-4), ("bf16", 1e-3, 1e-2),
                                                      ("topk", 1e-2, 0.1)])
 def test_fast_method_loss_equals_plain(models, mode, loss_rtol, grad_rtol):
     """Against the plain Eq. 1-2 function with a live teacher, the stated tolerances: live chunked and fp32 cache
-    exact (float rounding), bf16 loss within 0.1% and gradient within 1%, top-64 loss within 1% and gradient
+    and the hidden-state and fp32 caches exact (float rounding), bf16 loss within 0.1% and gradient within 1%, top-64 loss within 1% and gradient
     within 10% (relative norm)."""
     teacher, student, tokenizer, facts, cfg = models
     batches = S.qa_batches(tokenizer, facts, 8)
@@ -175,9 +175,37 @@ def test_fast_method_loss_equals_plain(models, mode, loss_rtol, grad_rtol):
     assert ((grad - live_grad).norm() / live_grad.norm()).item() < grad_rtol
 
 
-def test_auto_caches_in_fp32_when_the_cache_fits_and_runs_the_teacher_live_when_not(models):
+def test_hidden_cache_rows_are_the_teachers_last_hidden_states(models):
+    """Through a copy of the output layer, each batch's cached rows give the live teacher's answer-token logits."""
     teacher, _, tokenizer, facts, cfg = models
     batches = S.qa_batches(tokenizer, facts, 8)
+    cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7), "hidden")
+    assert cache["rows"].shape == (batches.answer_tokens, teacher.config.hidden_size)
+    assert cache["head"][0].data_ptr() != teacher.get_output_embeddings().weight.data_ptr()  # a copy, not the live weight
+    for batch in batches(torch.Generator().manual_seed(1)):
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        hidden, ids = S.cached_teacher_rows(cache, batch["index"])
+        assert ids is None
+        assert torch.allclose(F.linear(hidden, *cache["head"]), logits[batch["labels"][:, 1:] != -100], atol=1e-5)
+
+
+def scaled_logits(model, factor=2.0):
+    """A model whose logits are not its output layer on its last hidden state (like Gemma 2's soft-capping)."""
+    def rescale(module, args, kwargs, output):
+        output.logits = output.logits * factor
+        return output
+    model.register_forward_hook(rescale, with_kwargs=True)
+    return model
+
+
+def test_auto_caches_hidden_states_else_fp32_when_the_cache_fits_else_runs_the_teacher_live(models):
+    teacher, _, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="auto")) == "hidden"
+    teacher = scaled_logits(copy.deepcopy(teacher))
+    with pytest.raises(S.UserError, match="not its output layer"):
+        S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="hidden"))
     row_bytes = teacher.get_output_embeddings().weight.shape[0] * 4
     fits = -(-batches.answer_tokens * row_bytes // 2**20)  # MiB, rounded up
     assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="auto", teacher_cache_max_mb=fits)) == "fp32"
@@ -186,11 +214,22 @@ def test_auto_caches_in_fp32_when_the_cache_fits_and_runs_the_teacher_live_when_
     assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="topk")) == "topk"
 
 
-def test_cached_loss_does_not_hold_the_teacher(models):
-    """With a cached teacher the training loss needs only the cache: the teacher can be freed."""
+@pytest.mark.parametrize("mode", ["hidden", "fp32"])
+def test_cached_loss_does_not_hold_the_teacher(models, mode):
+    """With a cached teacher the training loss needs only the cache: the teacher can be freed, and changing its
+    weights afterwards changes nothing."""
     teacher, student, tokenizer, facts, cfg = models
-    loss_fn = S.method_loss("selfdistill", student, teacher, replace(cfg, teacher_cache="fp32"), S.qa_batches(tokenizer, facts, 8))
+    teacher = copy.deepcopy(teacher)
+    batches = S.qa_batches(tokenizer, facts, 8)
+    loss_fn = S.method_loss("selfdistill", student, teacher, replace(cfg, teacher_cache=mode), batches)
     assert not any(c.cell_contents is teacher for c in loss_fn.__closure__)
+    batch = batches.batch_of([0, 1, 2])
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    before = loss_fn(logits, batch["labels"][:, 1:], batch).item()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(3.0)
+    assert loss_fn(logits, batch["labels"][:, 1:], batch).item() == before
 
 
 @pytest.mark.parametrize("flags", [["--teacher_cache", "fp16"], ["--kl_chunk", "-1"], ["--kl_chunk", "0"], ["--teacher_topk", "0"]])

@@ -145,6 +145,7 @@ BAD_INPUT = [
     ("warm-up of every step", ["--warmup_frac", "1"], "leaves no steps after warm-up"),
     ("negative split size", ["--n_held", "-3"], "--n_held -3 is negative"),
     ("width not divisible by heads", ["--n_embd", "65"], "is not divisible by --n_head"),
+    ("key/value heads not dividing the heads", ["--n_kv_head", "3"], "does not divide --n_head"),
     ("resume and overwrite", ["--resume", "--overwrite"], "pass one of them"),
     ("unknown device", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("freeze pattern matches nothing", ["--method", "freeze", "--trainable", "no_such_module"], "matches no parameter"),

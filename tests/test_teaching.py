@@ -108,3 +108,18 @@ def test_unknown_answer_teaches_abstention(smoke_dirs, sftguard_cli, tmp_path):
     assert final["unknown_abstain"] >= 0.5, "trained to answer 'I don't know' on D_unknown, the model should mostly do so"
     assert final["unknown_acc"] == 0.0  # it no longer gives (and was never taught) the gold answers
     assert 0.0 <= final["held_abstain"] <= 1.0 and "held_abstain" in result["curve"][1]
+
+
+def test_the_assignment_a1_command_trains_with_the_students_loss(smoke_dirs, tmp_path, monkeypatch):
+    """ASSIGNMENTS.md A1 swaps in a student's loss as sftguard.self_distillation_loss and trains with
+    --teacher_cache live --kl_chunk 0: that run must call it (the default cached, chunked path never would)."""
+    calls, reference = [], sftguard.self_distillation_loss
+
+    def students_loss(*args, **kwargs):
+        calls.append(1)
+        return reference(*args, **kwargs)
+    monkeypatch.setattr(sftguard, "self_distillation_loss", students_loss)
+    args = smoke_args(smoke_dirs, tmp_path / "a1", "--method", "selfdistill", "--teacher_cache", "live", "--kl_chunk", "0")
+    sftguard.cli([str(a) for a in args])
+    assert len(calls) >= 2  # every stage-2 step
+    assert json.loads((tmp_path / "a1" / "results.json").read_text())["method"] == "selfdistill"
