@@ -912,6 +912,7 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             tokens += int(batch["attention_mask"].sum())
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
+            del logits, loss  # free the vocabulary-wide logits (and the graph) before the next step's forward pass
         train_seconds += time.perf_counter() - start
         stop = bool(on_epoch_end is not None and on_epoch_end(epoch))
         if checkpoint_dir is not None:

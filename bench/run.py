@@ -120,6 +120,24 @@ def reset_peak_memory(device: str) -> int:
     return proc_status_bytes("RssAnon")
 
 
+MMAP_THRESHOLD = 64 * 1024  # set from --cpu_mmap_threshold in each worker
+
+
+def track_live_tensors(threshold: int):
+    """CPU: make peak RSS follow the tensors alive, as CUDA's max_memory_allocated does. By default glibc serves
+    blocks below a moving threshold (up to 32 MB) from its heap and keeps them when freed, so RSS also counts
+    freed tensors, by amounts that depend on the order of allocations rather than on the method; a fixed mmap
+    threshold gives every block of `threshold` bytes or more its own mapping, returned to the OS when freed.
+    0 keeps glibc's default."""
+    import ctypes
+
+    if threshold:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (also stops its adjustment)
+        except (OSError, AttributeError):  # not glibc: RSS as it comes
+            pass
+
+
 def peak_memory(device: str) -> int:
     """CUDA: max_memory_allocated; CPU: peak RSS (VmHWM) since reset_peak_memory."""
     import torch
@@ -137,6 +155,19 @@ def peak_memory_above(device: str, baseline: int) -> int:
     if device.startswith("cuda"):
         return peak_memory(device) - baseline
     return peak_memory(device) - proc_status_bytes("RssFile") - proc_status_bytes("RssShmem") - baseline
+
+
+def start_memory_phase(device: str) -> int:
+    """After the timed repeats: one more repeat whose peak is the row's peak memory. The timed repeats run with the
+    allocator as it comes (its speed is what a user gets); for the peak, CPU memory that the timed part freed is
+    handed back and RSS is made to follow live tensors (track_live_tensors), the analogue of CUDA's
+    max_memory_allocated. Returns the peak of everything before (the build, a teacher cache, the timed repeats)."""
+    before = peak_memory(device)
+    release_freed_memory()
+    if not device.startswith("cuda"):
+        track_live_tensors(MMAP_THRESHOLD)
+    reset_peak_memory(device)  # the baseline for "above start" stays the one taken when the worker began
+    return before
 
 
 def release_freed_memory():
@@ -196,12 +227,19 @@ def train_worker(spec: dict) -> dict:
             yield batch
     repeat_batches.steps = steps
 
+    repeats, timing_peak = spec["repeats"], []
+
+    def epoch_end(epoch):  # epoch 1 is the warm-up, then the timed repeats, then one repeat for the peak memory
+        ends.append(time.perf_counter())
+        if epoch == 1 + repeats:
+            timing_peak.append(start_memory_phase(spec["device"]))
+
     ends.append(time.perf_counter())
     with autocast:
-        sftguard.train(student, repeat_batches, loss_fn, epochs=1 + spec["repeats"], lr=1e-4, cfg=cfg,
-                       desc=spec["method"], on_epoch_end=lambda epoch: ends.append(time.perf_counter()))
-    seconds = [b - a for a, b in zip(ends[1:-1], ends[2:])]  # the first repeat is the warm-up
-    row = timing_row(spec, seconds, tokens[1:], student, base_mem, extra_forward=live_teacher)
+        sftguard.train(student, repeat_batches, loss_fn, epochs=2 + repeats, lr=1e-4, cfg=cfg,
+                       desc=spec["method"], on_epoch_end=epoch_end)
+    seconds = [ends[epoch] - ends[epoch - 1] for epoch in range(2, 2 + repeats)]
+    row = timing_row(spec, seconds, tokens[1:1 + repeats], student, base_mem, timing_peak[0], extra_forward=live_teacher)
     row.update(cache_s=cache_s, cache_bytes=cache_bytes, teacher_cache=cfg.teacher_cache if method == "selfdistill" else None)
     return row
 
@@ -223,13 +261,15 @@ def trl_worker(spec: dict) -> dict:
     cfg, tokenizer, teacher, student = build(spec)
     batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
     steps, repeats = spec["steps"], spec["repeats"]
-    ends, tokens = [], []
+    ends, tokens, timing_peak = [], [], []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if spec["device"].startswith("cuda"):
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
+            if state.global_step == (1 + repeats) * steps:  # as in train_worker: one more repeat for the peak memory
+                timing_peak.append(start_memory_phase(spec["device"]))
 
     def collate(rows):  # sftguard's own right-padded batches of the same examples
         batch = batches.batch_of([r["index"] for r in rows])
@@ -238,7 +278,7 @@ def trl_worker(spec: dict) -> dict:
 
     cuda = spec["device"].startswith("cuda")
     with tempfile.TemporaryDirectory() as out:
-        args = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=cfg.temperature, max_steps=(1 + repeats) * steps,
+        args = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=cfg.temperature, max_steps=(2 + repeats) * steps,
                          per_device_train_batch_size=spec["batch_size"], learning_rate=1e-4, weight_decay=0.0,
                          adam_beta2=0.95, max_grad_norm=cfg.grad_clip, lr_scheduler_type="cosine", warmup_steps=1,
                          save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True, use_cpu=not cuda,
@@ -258,7 +298,7 @@ def trl_worker(spec: dict) -> dict:
     # repeat r spans the steps r*steps+1 .. (r+1)*steps; repeat 0 is the warm-up
     seconds = [ends[(r + 1) * steps - 1] - ends[r * steps - 1] for r in range(1, 1 + repeats)]
     tokens = [sum(tokens[r * steps:(r + 1) * steps]) for r in range(1, 1 + repeats)]
-    return timing_row(spec, seconds, tokens, trainer.model, base_mem, extra_forward=True)
+    return timing_row(spec, seconds, tokens, trainer.model, base_mem, timing_peak[0], extra_forward=True)
 
 
 def generation_worker(spec: dict) -> dict:
@@ -288,12 +328,14 @@ def generation_worker(spec: dict) -> dict:
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem)}
 
 
-def timing_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, extra_forward: bool) -> dict:
+def timing_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, timing_peak: int,
+               extra_forward: bool) -> dict:
     import sftguard
 
     return {"method": spec["method"], "model": spec["size"], "model_params": sftguard.count_params(model),
             "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem),
+            "peak_mem_timing_bytes": timing_peak,  # the peak during build and timed repeats, allocator as it comes
             "steps_per_repeat": spec["steps"], "repeat_s": seconds, "repeat_tokens": tokens,
             "flops_per_token_per_param": 6 + 2 * extra_forward}  # model FLOPs: 6N a trained token, 2N more for a live teacher
 
@@ -303,7 +345,8 @@ def merge_rounds(runs: list[dict], peak_flops: float) -> dict:
     if any("error" in r for r in runs):
         return next(r for r in runs if "error" in r)
     row = {**runs[0], "repeat_s": [s for r in runs for s in r["repeat_s"]], "repeat_tokens": [t for r in runs for t in r["repeat_tokens"]],
-           "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "peak_mem_delta_bytes": max(r["peak_mem_delta_bytes"] for r in runs)}
+           "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "peak_mem_delta_bytes": max(r["peak_mem_delta_bytes"] for r in runs),
+           "peak_mem_timing_bytes": max(r["peak_mem_timing_bytes"] for r in runs)}
     steps, seconds, tokens = row["steps_per_repeat"], row["repeat_s"], row["repeat_tokens"]
     row.update(rounds=len(runs), repeats=len(seconds), batch=f"{row['batch_size']}x{round(statistics.mean(tokens) / steps / row['batch_size'])}",
                tokens_per_s=statistics.median(t / s for t, s in zip(tokens, seconds)), step_ms=1000 * statistics.median(seconds) / steps)
@@ -329,6 +372,8 @@ def run_isolated(worker, spec: dict) -> dict:
 
 
 def child(worker, spec: dict, send):
+    global MMAP_THRESHOLD
+    MMAP_THRESHOLD = spec["mmap_threshold"]
     try:
         send.send(worker(spec))
     except Exception as e:  # noqa: BLE001 - a failed configuration is reported, not fatal
@@ -415,6 +460,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and TRL's model) first")
     p.add_argument("--peak_flops", type=float, default=0, help="peak FLOP/s for MFU; default: known bf16 peak of the GPU, none on CPU")
     p.add_argument("--no_generation", action="store_true", help="skip the generation throughput")
+    p.add_argument("--cpu_mmap_threshold", type=int, default=MMAP_THRESHOLD,
+                   help="CPU: glibc mmap threshold in bytes, fixed so that peak RSS follows live tensors; 0 = glibc's default")
     return p.parse_args(argv)
 
 
@@ -447,7 +494,8 @@ def main(argv=None):
 
     setup = prepare(Path(args.cache), args.facts)
     common = {"device": device, "threads": args.threads, "tokenizer": setup["tokenizer"], "facts": setup["facts"],
-              "steps": steps, "repeats": repeats, "compile": args.compile}
+              "steps": steps, "repeats": repeats, "compile": args.compile,
+              "mmap_threshold": args.cpu_mmap_threshold}
     # Rounds go over every configuration in turn, so a change in the machine's load touches all methods alike.
     configs = list(itertools.product(sizes, batch_sizes, methods))
     runs = {config: [] for config in configs}
@@ -472,6 +520,7 @@ def main(argv=None):
                        "device": device, "device_name": device_name, "threads": args.threads, "torch": torch.__version__,
                        "sizes": {s: SIZES[s] for s in sizes}, "facts": len(setup["facts"]), "steps_per_repeat": steps,
                        "repeats": repeats, "rounds": rounds, "compile": args.compile, "peak_flops": peak_flops or None,
+                       "cpu_mmap_threshold": None if cuda else args.cpu_mmap_threshold,
                        "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M"),
                        "wall_s": time.perf_counter() - wall},
               "rows": rows, "ratios": ratios(rows), "generation": generation}

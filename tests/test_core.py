@@ -3,6 +3,7 @@ freezing by parameter group on four architectures, the SliCK categories and the 
 import copy
 import math
 import random
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -248,6 +249,20 @@ def test_training_moves_only_the_trainable_group(arch, group):
                     desc="test", weight_decay=0.1)  # weight decay must not touch frozen weights either
     assert stats["tokens"] == 3 * 4 * 10
     assert_frozen_and_moved(before, model, trainable)
+
+
+def test_training_frees_a_steps_logits_before_the_next_forward():
+    # The logits are [batch, positions, vocabulary]: kept alive into the next step, they would add one more such
+    # tensor to every step's peak memory (36 MB at batch 16 with a 32k vocabulary, far more for a real LLM).
+    model = tiny_model("llama")
+    seen, alive_at_forward = [], []
+    model.register_forward_pre_hook(lambda module, args: alive_at_forward.append(any(ref() is not None for ref in seen)))
+
+    def loss_fn(logits, labels, batch):
+        seen.append(weakref.ref(logits))
+        return S.next_token_loss(logits, labels)
+    S.train(model, random_batches(model.config.vocab_size), loss_fn, epochs=1, lr=1e-3, cfg=S.Config(), desc="test")
+    assert len(alive_at_forward) == 3 and not any(alive_at_forward)
 
 
 def test_training_on_the_smoke_world_moves_only_the_mlps(smoke_base):
