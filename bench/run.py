@@ -120,7 +120,7 @@ def reset_peak_memory(device: str) -> int:
     return proc_status_bytes("RssAnon")
 
 
-MMAP_THRESHOLD = 64 * 1024  # set from --cpu_mmap_threshold in each worker
+MMAP_THRESHOLD = 64 * 1024  # --cpu_mmap_threshold's default
 
 
 def track_live_tensors(threshold: int):
@@ -157,7 +157,7 @@ def peak_memory_above(device: str, baseline: int) -> int:
     return peak_memory(device) - proc_status_bytes("RssFile") - proc_status_bytes("RssShmem") - baseline
 
 
-def start_memory_phase(device: str) -> int:
+def start_memory_phase(device: str, mmap_threshold: int) -> int:
     """After the timed repeats: one more repeat whose peak is the row's peak memory. The timed repeats run with the
     allocator as it comes (its speed is what a user gets); for the peak, CPU memory that the timed part freed is
     handed back and RSS is made to follow live tensors (track_live_tensors), the analogue of CUDA's
@@ -165,7 +165,7 @@ def start_memory_phase(device: str) -> int:
     before = peak_memory(device)
     release_freed_memory()
     if not device.startswith("cuda"):
-        track_live_tensors(MMAP_THRESHOLD)
+        track_live_tensors(mmap_threshold)
     reset_peak_memory(device)  # the baseline for "above start" stays the one taken when the worker began
     return before
 
@@ -232,7 +232,7 @@ def train_worker(spec: dict) -> dict:
     def epoch_end(epoch):  # epoch 1 is the warm-up, then the timed repeats, then one repeat for the peak memory
         ends.append(time.perf_counter())
         if epoch == 1 + repeats:
-            timing_peak.append(start_memory_phase(spec["device"]))
+            timing_peak.append(start_memory_phase(spec["device"], spec["mmap_threshold"]))
 
     ends.append(time.perf_counter())
     with autocast:
@@ -269,7 +269,7 @@ def trl_worker(spec: dict) -> dict:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
             if state.global_step == (1 + repeats) * steps:  # as in train_worker: one more repeat for the peak memory
-                timing_peak.append(start_memory_phase(spec["device"]))
+                timing_peak.append(start_memory_phase(spec["device"], spec["mmap_threshold"]))
 
     def collate(rows):  # sftguard's own right-padded batches of the same examples
         batch = batches.batch_of([r["index"] for r in rows])
@@ -372,8 +372,6 @@ def run_isolated(worker, spec: dict) -> dict:
 
 
 def child(worker, spec: dict, send):
-    global MMAP_THRESHOLD
-    MMAP_THRESHOLD = spec["mmap_threshold"]
     try:
         send.send(worker(spec))
     except Exception as e:  # noqa: BLE001 - a failed configuration is reported, not fatal
