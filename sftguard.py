@@ -731,7 +731,7 @@ def logits_from_last_hidden(teacher, batches) -> bool:
     device = head.weight.device
     batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
     logits, hidden = teacher_forward_with_hidden(teacher, batch)
-    return logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, *output_head(teacher)).float(),
+    return logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
                                                                      logits.float(), rtol=1e-4, atol=1e-4)
 
 
