@@ -102,10 +102,10 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token, computed once, and a copy of its output layer: the logits are one matmul away; exact to float rounding, d instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
+    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token and the log-normaliser of its logits, computed once, and its output layer / tau: the log-probabilities are one matmul away; exact to float rounding, d + 1 instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
     teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
-    kl_chunk: int = field(default=128, metadata={"help": "selfdistill: answer tokens per chunk of the KL (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
+    kl_chunk: int = field(default=32, metadata={"help": "selfdistill: answer tokens per chunk of the loss (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
     trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
     warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
@@ -611,65 +611,87 @@ def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: fl
     return ce + kl_weight * temperature**2 * kl, kl
 
 
-# The same loss, fast. The KL is taken a chunk of answer tokens at a time with its gradient written out, so no
-# full-vocabulary tensor is kept for the backward pass; and since the stage-2 inputs are fixed and the teacher
-# frozen, the teacher's answer tokens can be computed once (build_teacher_cache) instead of by a forward pass every
-# step: as its last hidden states (the default; its logits are one matmul with its output layer away) or as
-# log-probabilities. tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
+# The same loss, fast. Cross-entropy and KL are taken together a chunk of answer tokens at a time, and their
+# gradient is written out in that same pass, so the backward pass recomputes nothing and no full-vocabulary
+# probabilities outlive their chunk: the one [answer tokens, vocabulary] tensor kept is the gradient, where plain
+# cross-entropy keeps its log-probabilities (and a copy of the answer tokens' logits while it runs). And since the
+# stage-2 inputs are fixed and the teacher frozen, the teacher's answer tokens can be computed once
+# (build_teacher_cache) instead of by a forward pass every step: as its last hidden states (the default; its
+# log-probabilities are one matmul with its output layer away) or as log-probabilities. A live teacher, too, runs
+# its output layer on the answer tokens alone where the model allows (output_layer_separable).
+# tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
 def self_distillation_loss_chunked(student_logits, teacher_rows, labels, kl_weight: float, temperature: float,
                                    chunk: int, teacher_ids=None, teacher_head=None):
     """Eq. 1-2 as in self_distillation_loss, with the teacher given one row per answer token in the order of
     labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at
-    tau, or with teacher_head = (weight, bias) of its output layer, its last hidden states. Returns (loss, kl)."""
+    tau, or with teacher_head (see teacher_output_layer) its last hidden states, with or without log-normalisers.
+    Returns (loss, kl)."""
     answer = labels != -100
-    answer_logits = student_logits[answer]
-    if len(answer_logits) != len(teacher_rows):
-        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(answer_logits)} answer tokens: "
+    if int(answer.sum()) != len(teacher_rows):
+        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {int(answer.sum())} answer tokens: "
                            f"the teacher cache was built for other examples than this batch")
-    ce = F.cross_entropy(answer_logits.float(), labels[answer])
-    kl = ChunkedKL.apply(answer_logits, teacher_rows, teacher_ids, teacher_head, temperature, chunk) / len(answer_logits)
-    return ce + kl_weight * temperature**2 * kl, kl
+    return ChunkedSelfDistillation.apply(student_logits, answer.nonzero(as_tuple=True), labels[answer], teacher_rows,
+                                         teacher_ids, teacher_head, kl_weight, temperature, chunk)
 
 
-class ChunkedKL(torch.autograd.Function):
-    """Sum over rows of KL(q || p_student^tau), computed `chunk` rows at a time in the forward and again in the
-    backward pass, so at most one chunk of full-vocabulary probabilities exists at once (plain autograd would keep
-    every intermediate until backward). d KL / d logits = (p_student^tau - q) / tau.
+class ChunkedSelfDistillation(torch.autograd.Function):
+    """(CE + kl_weight * tau^2 * KL, KL) over the N answer tokens at `answer` (batch indices, positions), `chunk` rows
+    at a time, each gathered from the logits only then, with the gradient computed in the forward pass:
+        d loss / d logits = [softmax(z) - onehot(y) + kl_weight * tau * (p_student^tau - q)] / N.
 
     q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
     the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
-    teacher_head = (weight, bias) its last hidden states [N, d], turned into logits a chunk at a time."""
+    teacher_head = (weight, bias) / tau of its output layer, its last hidden states [N, d] (log-softmax taken here)
+    or those plus the log-normaliser of its logits at tau in a last column [N, d + 1] (the cache: one pass fewer),
+    turned into log-probabilities a chunk at a time. The KL output
+    is for logging: it carries no gradient of its own."""
 
     @staticmethod
-    def forward(ctx, logits, teacher_rows, teacher_ids, teacher_head, temperature: float, chunk: int):
-        ctx.save_for_backward(logits, teacher_rows, teacher_ids)
-        ctx.teacher_head, ctx.temperature, ctx.chunk = teacher_head, temperature, chunk  # frozen: nothing to save
-        total = torch.zeros((), device=logits.device)
-        for start in range(0, len(logits), chunk):
-            log_p_student, log_q = kl_chunk_terms(logits, teacher_rows, teacher_ids, teacher_head,
-                                                  slice(start, start + chunk), temperature)
-            total += (log_q.exp() * (log_q - log_p_student)).sum()
-        return total
+    def forward(ctx, logits, answer, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float,
+                temperature: float, chunk: int):
+        n = max(len(targets), 1)
+        grad = torch.empty(len(targets), logits.shape[-1], device=logits.device)  # d loss / d answer-token logits
+        ce, kl = torch.zeros((), device=logits.device), torch.zeros((), device=logits.device)
+        for start in range(0, len(targets), chunk):  # each line below is one or two passes over a [chunk, V] block
+            rows = slice(start, start + chunk)
+            z, y = logits[answer[0][rows], answer[1][rows]].float(), targets[rows]
+            picked = (torch.arange(len(y), device=y.device), y)  # each row's target token
+            log_p_tau = F.log_softmax(z / temperature, dim=-1)
+            log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows)
+            q = log_q.exp()
+            kl += q.view(-1).dot(log_q.view(-1)) - q.view(-1).dot(log_p_tau.view(-1))  # sum q (log q - log p), no copy
+            del log_q  # one [chunk, V] block fewer alive for the rest of the chunk
+            log_sum_exp = z.logsumexp(-1)
+            ce += (log_sum_exp - z[picked]).sum()
+            # softmax(z) / n, written straight into the gradient, then + kl_weight * tau * (p_tau - q) / n - onehot / n
+            torch.sub(z, (log_sum_exp + math.log(n))[:, None], out=grad[rows]).exp_()
+            grad[rows].add_(log_p_tau.exp_().sub_(q), alpha=kl_weight * temperature / n)
+            grad[rows][picked] -= 1 / n
+        ctx.save_for_backward(grad, *answer)
+        ctx.logits_shape, ctx.dtype = logits.shape, logits.dtype
+        kl = kl / n
+        ctx.mark_non_differentiable(kl)
+        return ce / n + kl_weight * temperature**2 * kl, kl
 
     @staticmethod
-    def backward(ctx, grad_total):
-        logits, teacher_rows, teacher_ids = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for start in range(0, len(logits), ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            log_p_student, log_q = kl_chunk_terms(logits, teacher_rows, teacher_ids, ctx.teacher_head, rows, ctx.temperature)
-            grad[rows] = ((log_p_student.exp() - log_q.exp()) * (grad_total / ctx.temperature)).to(grad.dtype)
-        return grad, None, None, None, None, None
+    def backward(ctx, grad_loss, grad_kl):
+        grad, *answer = ctx.saved_tensors
+        grad_logits = torch.zeros(ctx.logits_shape, dtype=ctx.dtype, device=grad.device)  # prompt, padding: no gradient
+        grad_logits[tuple(answer)] = (grad * grad_loss).to(ctx.dtype)
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
-def kl_chunk_terms(logits, teacher_rows, teacher_ids, teacher_head, rows, temperature: float):
-    """log p_student^tau and log q on the given rows, in float32."""
-    log_p_student = F.log_softmax(logits[rows].float() / temperature, dim=-1)
-    if teacher_head is not None:  # the teacher's output layer on its cached hidden states: its logits, exactly
-        return log_p_student, F.log_softmax(F.linear(teacher_rows[rows], *teacher_head).float() / temperature, dim=-1)
+def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
+    """log q, the teacher at tau, on the given rows, in float32 (log_p_student: the student's, for the top-k tail)."""
+    if teacher_head is not None:  # the output layer at tau on hidden states, less their log-normaliser if it is given
+        weight, bias = teacher_head
+        logits = F.linear(teacher_rows[rows, :weight.shape[1]].to(weight.dtype), weight, bias).float()
+        if teacher_rows.shape[1] == weight.shape[1]:
+            return F.log_softmax(logits, dim=-1)
+        return logits.sub_(teacher_rows[rows, -1:])
     if teacher_ids is None:
-        return log_p_student, teacher_rows[rows].float()
-    return log_p_student, teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
+        return teacher_rows[rows].float()
+    return teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
 
 
 def teacher_target(log_p_student, top_and_tail, ids):
@@ -715,10 +737,11 @@ def teacher_forward_with_hidden(teacher, batch):
     return logits, seen[0]
 
 
-def output_head(teacher):
-    """(weight, bias) of the output layer, detached copies: the student's own may be tied to weights that train."""
+def teacher_output_layer(teacher, temperature: float):
+    """(weight, bias) / tau of the output layer: new tensors (the student's own may be tied to weights that train),
+    divided once here rather than the logits every step."""
     head = teacher.get_output_embeddings()
-    return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+    return head.weight.detach() / temperature, None if head.bias is None else head.bias.detach() / temperature
 
 
 def logits_from_last_hidden(teacher, batches) -> bool:
@@ -736,13 +759,31 @@ def logits_from_last_hidden(teacher, batches) -> bool:
 
 
 @torch.no_grad()
+def teacher_last_hidden(teacher, batch):
+    """The teacher's last hidden states from its base model, without running its output layer."""
+    return teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+
+
+def output_layer_separable(teacher, batches) -> bool:
+    """Whether a live teacher may skip its output layer at prompt tokens: its logits are its output layer on its last
+    hidden states, and its base model returns those states (both checked on the first training example)."""
+    if teacher.base_model is teacher or not logits_from_last_hidden(teacher, batches):
+        return False
+    device = teacher.get_output_embeddings().weight.device
+    batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
+    hidden = teacher_forward_with_hidden(teacher, batch)[1]
+    return torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
     """The teacher on every answer token of the training set, computed once.
 
     Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
     a batch in any order finds its rows by its examples' "index". mode: hidden (exact): the teacher's last hidden
-    states, with a copy of its output layer in "head"; fp32 (exact) or bf16 full-vocabulary log-probabilities at
-    tau; topk: the teacher_topk largest log-probabilities, their token ids and the tail's log-mass."""
+    states, each with the log-normaliser of its logits at tau (float32), and its output layer / tau in "head";
+    fp32 (exact) or bf16 full-vocabulary log-probabilities at tau; topk: the teacher_topk largest log-probabilities,
+    their token ids and the tail's log-mass."""
     if not hasattr(batches, "batch_of"):
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
@@ -753,10 +794,12 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"][:, 1:]
         offsets += (offsets[-1] + (labels != -100).sum(1).cumsum(0)).tolist()
-        if mode == "hidden":
-            rows.append(teacher_forward_with_hidden(teacher, batch)[1][:, :-1][labels != -100])
+        logits, hidden = teacher_forward_with_hidden(teacher, batch)
+        logits = logits[:, :-1]
+        if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
+            log_norm = (logits[labels != -100].float() / cfg.temperature).logsumexp(-1, keepdim=True)
+            rows.append(torch.cat([hidden[:, :-1][labels != -100].float(), log_norm], dim=-1))
             continue
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         log_p = teacher_answer_log_probs(logits, labels, cfg.temperature)
         if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
@@ -766,7 +809,7 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         else:
             rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
     cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
-             "head": output_head(teacher) if mode == "hidden" else None}
+             "head": teacher_output_layer(teacher, cfg.temperature) if mode == "hidden" else None}
     tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
                f"{teacher_cache_bytes(cache) / 2**20:.1f} MB")
     return cache
@@ -1058,9 +1101,21 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
                                                       cfg.kl_chunk, teacher_ids, cache["head"])[0]
             return cached_loss_fn
 
+        # A live teacher: a forward pass every step. Where the model allows, only up to its last hidden states: its
+        # output layer then runs on the answer tokens alone, a chunk at a time inside the loss (on hidden / tau).
+        answer_only_head = cfg.kl_chunk > 0 and output_layer_separable(teacher, batches)
+        head = teacher.get_output_embeddings()
+        head_at_tau = (head.weight.detach(), None if head.bias is None else head.bias.detach() / cfg.temperature)
+
         def loss_fn(logits, labels, batch):
             with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
-                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                if answer_only_head:
+                    hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float() / cfg.temperature
+                else:
+                    teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            if answer_only_head:
+                return self_distillation_loss_chunked(logits, hidden, labels, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
+                                                      teacher_head=head_at_tau)[0]
             if cfg.kl_chunk == 0:  # Eq. 1-2 as written
                 return self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)[0]
             return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),

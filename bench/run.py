@@ -9,8 +9,9 @@ It times sftguard's own code (qa_batches, method_loss, build_teacher_cache, trai
 copy. Every configuration runs in a fresh process (forked from a server that has imported torch and
 transformers once), so its peak memory is its own: CUDA max_memory_allocated on a GPU, peak RSS on a CPU
 (also given above the process's RSS before the model was built, since the interpreter and libraries weigh
-hundreds of MB). Each measurement: one warm-up repeat, then --repeats repeats of --steps optimizer steps;
-the median repeat is reported. On CUDA the methods run under bf16 autocast and MFU is reported.
+hundreds of MB). Timing: one warm-up repeat, then --repeats repeats of --steps optimizer steps, in each of
+--rounds processes; the median repeat is reported. Memory: one more process per configuration, a warm-up
+repeat, then the repeat whose peak is reported (on a CPU with RSS made to follow live tensors). On CUDA the methods run under bf16 autocast and MFU is reported.
 
 The models are randomly initialised Llamas of sftguard's synthetic-world architecture (speed does not depend
 on the weights); the data are the synthetic world's QA facts, as many as the default preset trains on in stage
@@ -128,7 +129,8 @@ def track_live_tensors(threshold: int):
     blocks below a moving threshold (up to 32 MB) from its heap and keeps them when freed, so RSS also counts
     freed tensors, by amounts that depend on the order of allocations rather than on the method; a fixed mmap
     threshold gives every block of `threshold` bytes or more its own mapping, returned to the OS when freed.
-    0 keeps glibc's default."""
+    It must be set before the first large allocation: heap left fragmented earlier (e.g. by a teacher cache's
+    construction) stays resident. 0 keeps glibc's default."""
     import ctypes
 
     if threshold:
@@ -157,17 +159,10 @@ def peak_memory_above(device: str, baseline: int) -> int:
     return peak_memory(device) - proc_status_bytes("RssFile") - proc_status_bytes("RssShmem") - baseline
 
 
-def start_memory_phase(device: str, mmap_threshold: int) -> int:
-    """After the timed repeats: one more repeat whose peak is the row's peak memory. The timed repeats run with the
-    allocator as it comes (its speed is what a user gets); for the peak, CPU memory that the timed part freed is
-    handed back and RSS is made to follow live tensors (track_live_tensors), the analogue of CUDA's
-    max_memory_allocated. Returns the peak of everything before (the build, a teacher cache, the timed repeats)."""
-    before = peak_memory(device)
+def start_measured_repeat(device: str):
+    """Memory process, after its warm-up repeat: hand back what was freed and count the peak from here."""
     release_freed_memory()
-    if not device.startswith("cuda"):
-        track_live_tensors(mmap_threshold)
-    reset_peak_memory(device)  # the baseline for "above start" stays the one taken when the worker began
-    return before
+    reset_peak_memory(device)
 
 
 def release_freed_memory():
@@ -194,11 +189,13 @@ def proc_status_bytes(field: str) -> int:
 # Workers: each runs in its own process and returns one row
 # ----------------------------------------------------------------------------------------------------------------
 def train_worker(spec: dict) -> dict:
-    """Time sftguard.train with the method's loss: one warm-up repeat, then spec["repeats"] repeats."""
+    """Time sftguard.train with the method's loss: one warm-up repeat, then spec["repeats"] timed repeats; or, with
+    spec["phase"] == "memory", one warm-up repeat and one repeat whose peak memory is measured."""
     import torch
 
     import sftguard
 
+    memory_phase = begin_worker(spec)
     base_mem = reset_peak_memory(spec["device"])
     cfg, tokenizer, teacher, student = build(spec)
     batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
@@ -227,21 +224,30 @@ def train_worker(spec: dict) -> dict:
             yield batch
     repeat_batches.steps = steps
 
-    repeats, timing_peak = spec["repeats"], []
+    repeats = 1 if memory_phase else spec["repeats"]
 
-    def epoch_end(epoch):  # epoch 1 is the warm-up, then the timed repeats, then one repeat for the peak memory
+    def epoch_end(epoch):  # epoch 1 is the warm-up, then the timed repeats or the one measured for memory
         ends.append(time.perf_counter())
-        if epoch == 1 + repeats:
-            timing_peak.append(start_memory_phase(spec["device"], spec["mmap_threshold"]))
+        if memory_phase and epoch == 1:
+            start_measured_repeat(spec["device"])
 
     ends.append(time.perf_counter())
     with autocast:
-        sftguard.train(student, repeat_batches, loss_fn, epochs=2 + repeats, lr=1e-4, cfg=cfg,
+        sftguard.train(student, repeat_batches, loss_fn, epochs=1 + repeats, lr=1e-4, cfg=cfg,
                        desc=spec["method"], on_epoch_end=epoch_end)
     seconds = [ends[epoch] - ends[epoch - 1] for epoch in range(2, 2 + repeats)]
-    row = timing_row(spec, seconds, tokens[1:1 + repeats], student, base_mem, timing_peak[0], extra_forward=live_teacher)
+    row = measured_row(spec, seconds, tokens[1:1 + repeats], student, base_mem, extra_forward=live_teacher)
     row.update(cache_s=cache_s, cache_bytes=cache_bytes, teacher_cache=cfg.teacher_cache if method == "selfdistill" else None)
     return row
+
+
+def begin_worker(spec: dict) -> bool:
+    """Whether this process measures memory (else time); a CPU memory process makes RSS follow live tensors from
+    its first allocation on (track_live_tensors), a timing process keeps the allocator as a user's run has it."""
+    memory_phase = spec.get("phase") == "memory"
+    if memory_phase and not spec["device"].startswith("cuda"):
+        track_live_tensors(spec["mmap_threshold"])
+    return memory_phase
 
 
 def trl_worker(spec: dict) -> dict:
@@ -257,19 +263,20 @@ def trl_worker(spec: dict) -> dict:
 
     import sftguard
 
+    memory_phase = begin_worker(spec)
     base_mem = reset_peak_memory(spec["device"])
     cfg, tokenizer, teacher, student = build(spec)
     batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
-    steps, repeats = spec["steps"], spec["repeats"]
-    ends, tokens, timing_peak = [], [], []
+    steps, repeats = spec["steps"], 1 if memory_phase else spec["repeats"]
+    ends, tokens = [], []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if spec["device"].startswith("cuda"):
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
-            if state.global_step == (1 + repeats) * steps:  # as in train_worker: one more repeat for the peak memory
-                timing_peak.append(start_memory_phase(spec["device"], spec["mmap_threshold"]))
+            if memory_phase and state.global_step == steps:  # as in train_worker: after the warm-up repeat
+                start_measured_repeat(spec["device"])
 
     def collate(rows):  # sftguard's own right-padded batches of the same examples
         batch = batches.batch_of([r["index"] for r in rows])
@@ -278,7 +285,7 @@ def trl_worker(spec: dict) -> dict:
 
     cuda = spec["device"].startswith("cuda")
     with tempfile.TemporaryDirectory() as out:
-        args = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=cfg.temperature, max_steps=(2 + repeats) * steps,
+        args = GKDConfig(output_dir=out, lmbda=0.0, beta=0.0, temperature=cfg.temperature, max_steps=(1 + repeats) * steps,
                          per_device_train_batch_size=spec["batch_size"], learning_rate=1e-4, weight_decay=0.0,
                          adam_beta2=0.95, max_grad_norm=cfg.grad_clip, lr_scheduler_type="cosine", warmup_steps=1,
                          save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True, use_cpu=not cuda,
@@ -298,7 +305,7 @@ def trl_worker(spec: dict) -> dict:
     # repeat r spans the steps r*steps+1 .. (r+1)*steps; repeat 0 is the warm-up
     seconds = [ends[(r + 1) * steps - 1] - ends[r * steps - 1] for r in range(1, 1 + repeats)]
     tokens = [sum(tokens[r * steps:(r + 1) * steps]) for r in range(1, 1 + repeats)]
-    return timing_row(spec, seconds, tokens, trainer.model, base_mem, timing_peak[0], extra_forward=True)
+    return measured_row(spec, seconds, tokens, trainer.model, base_mem, extra_forward=True)
 
 
 def generation_worker(spec: dict) -> dict:
@@ -328,25 +335,26 @@ def generation_worker(spec: dict) -> dict:
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem)}
 
 
-def timing_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, timing_peak: int,
-               extra_forward: bool) -> dict:
+def measured_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, extra_forward: bool) -> dict:
     import sftguard
 
     return {"method": spec["method"], "model": spec["size"], "model_params": sftguard.count_params(model),
             "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
+            "phase": spec.get("phase", "time"),
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem),
-            "peak_mem_timing_bytes": timing_peak,  # the peak during build and timed repeats, allocator as it comes
             "steps_per_repeat": spec["steps"], "repeat_s": seconds, "repeat_tokens": tokens,
             "flops_per_token_per_param": 6 + 2 * extra_forward}  # model FLOPs: 6N a trained token, 2N more for a live teacher
 
 
-def merge_rounds(runs: list[dict], peak_flops: float) -> dict:
-    """One row from the rounds of a configuration: the median repeat over all rounds, the largest peak memory."""
-    if any("error" in r for r in runs):
-        return next(r for r in runs if "error" in r)
+def merge_rounds(runs: list[dict], memory: dict, peak_flops: float) -> dict:
+    """One row from the timing rounds of a configuration (the median repeat over all rounds) and its memory
+    process (the peak memory; the timing processes' own peak, allocator as it comes, is kept apart)."""
+    if any("error" in r for r in [*runs, memory]):
+        return next(r for r in [*runs, memory] if "error" in r)
     row = {**runs[0], "repeat_s": [s for r in runs for s in r["repeat_s"]], "repeat_tokens": [t for r in runs for t in r["repeat_tokens"]],
-           "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs), "peak_mem_delta_bytes": max(r["peak_mem_delta_bytes"] for r in runs),
-           "peak_mem_timing_bytes": max(r["peak_mem_timing_bytes"] for r in runs)}
+           "peak_mem_bytes": memory["peak_mem_bytes"], "peak_mem_delta_bytes": memory["peak_mem_delta_bytes"],
+           "peak_mem_timing_bytes": max(r["peak_mem_bytes"] for r in runs)}  # with the build and a cache's construction
+    row.pop("phase")
     steps, seconds, tokens = row["steps_per_repeat"], row["repeat_s"], row["repeat_tokens"]
     row.update(rounds=len(runs), repeats=len(seconds), batch=f"{row['batch_size']}x{round(statistics.mean(tokens) / steps / row['batch_size'])}",
                tokens_per_s=statistics.median(t / s for t, s in zip(tokens, seconds)), step_ms=1000 * statistics.median(seconds) / steps)
@@ -495,16 +503,23 @@ def main(argv=None):
               "steps": steps, "repeats": repeats, "compile": args.compile,
               "mmap_threshold": args.cpu_mmap_threshold}
     # Rounds go over every configuration in turn, so a change in the machine's load touches all methods alike.
+    # Peak memory comes from one more process per configuration (after the rounds: memory does not depend on load).
     configs = list(itertools.product(sizes, batch_sizes, methods))
-    runs = {config: [] for config in configs}
-    for round_no, (size, batch_size, method) in itertools.product(range(1, rounds + 1), configs):
-        spec = {**common, "size": size, "batch_size": batch_size, "method": method}
+    runs, memory = {config: [] for config in configs}, {}
+    for round_no, config in [*itertools.product(range(1, rounds + 1), configs), *(("memory", c) for c in configs)]:
+        size, batch_size, method = config
+        spec = {**common, "size": size, "batch_size": batch_size, "method": method,
+                "phase": "memory" if round_no == "memory" else "time"}
         row = run_isolated(trl_worker if method.startswith("trl-gkd") else train_worker, spec)
-        runs[(size, batch_size, method)].append(row)
+        if round_no == "memory":
+            memory[config] = row
+            print(f"memory    {method:20s} {size:3s} B={batch_size:<4d} " + (f"error: {row['error']}" if "error" in row else
+                  f"peak {mb(row['peak_mem_bytes'])} MB (+{mb(row['peak_mem_delta_bytes'])})"), flush=True)
+            continue
+        runs[config].append(row)
         print(f"round {round_no}/{rounds} {method:20s} {size:3s} B={batch_size:<4d} " + (f"error: {row['error']}" if "error" in row else
-              f"{sum(row['repeat_tokens']) / sum(row['repeat_s']):10,.0f} tok/s  peak {mb(row['peak_mem_bytes'])} MB "
-              f"(+{mb(row['peak_mem_delta_bytes'])})"), flush=True)
-    rows = [merge_rounds(runs[config], peak_flops) for config in configs]
+              f"{sum(row['repeat_tokens']) / sum(row['repeat_s']):10,.0f} tok/s"), flush=True)
+    rows = [merge_rounds(runs[config], memory[config], peak_flops) for config in configs]
     generation = []
     if not args.no_generation:
         for size in sizes:

@@ -57,20 +57,37 @@ def test_chunked_kl_equals_plain_loss_and_gradient(temperature, chunk):
     assert fast[2][labels == -100].abs().max() == 0  # prompt and padding positions get no gradient
 
 
-def test_chunked_kl_keeps_no_full_vocabulary_intermediate_for_backward():
-    """Autograd saves several N x V tensors for the plain KL; the chunked one keeps only its two inputs."""
+def test_chunked_loss_keeps_one_full_vocabulary_tensor_for_backward():
+    """Autograd saves several N x V tensors for the plain loss; the chunked one keeps only its gradient, as
+    plain cross-entropy keeps its log-probabilities."""
     student, teacher, labels = random_batch(vocab=500)
-    answer_logits = student[labels != -100].requires_grad_(True)
     log_p_teacher = teacher_rows(teacher, labels, 0.5)
+    answer = labels != -100
+    answer_logits = student[answer]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        S.ChunkedKL.apply(answer_logits, log_p_teacher, None, None, 0.5, 4)
-    assert {t.data_ptr() for t in saved if t is not None} <= {answer_logits.data_ptr(), log_p_teacher.data_ptr()}
+        S.ChunkedSelfDistillation.apply(student.clone().requires_grad_(True), answer.nonzero(as_tuple=True),
+                                        labels[answer], log_p_teacher, None, None, 1.0, 0.5, 4)
+    assert [t.shape for t in saved if t.shape[-1] == 500] == [answer_logits.shape]
+    assert all(t.dim() == 1 for t in saved if t.shape[-1] != 500)  # and the answer tokens' indices
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        log_q = F.log_softmax(answer_logits / 0.5, -1)
-        (log_p_teacher.exp() * (log_p_teacher - log_q)).sum()
-    assert sum(t.numel() for t in saved) >= 2 * answer_logits.numel()  # what the chunked version avoids
+        S.self_distillation_loss(student.requires_grad_(True), teacher, labels, 1.0, 0.5)
+    assert sum(t.numel() for t in saved if t.dim() and t.shape[-1] == 500) >= 3 * answer_logits.numel()
+
+
+def test_chunked_loss_gradient_follows_the_outer_gradient_and_dtype():
+    """The gradient is computed in the forward pass and only scaled in the backward one: a loss used as 3 * loss
+    gets three times the gradient, and bfloat16 logits get a bfloat16 gradient."""
+    student, teacher, labels = random_batch()
+    rows = teacher_rows(teacher, labels, 0.5)
+    once = loss_and_grad(S.self_distillation_loss_chunked, student, rows, labels, 1.0, 0.5, 3)[2]
+    tripled = loss_and_grad(lambda *a: [3 * x for x in S.self_distillation_loss_chunked(*a)], student, rows, labels,
+                            1.0, 0.5, 3)[2]
+    assert torch.allclose(tripled, 3 * once, rtol=1e-6, atol=1e-9)
+    half = loss_and_grad(S.self_distillation_loss_chunked, student.bfloat16(), rows, labels, 1.0, 0.5, 3)[2]
+    rounded = loss_and_grad(S.self_distillation_loss_chunked, student.bfloat16().float(), rows, labels, 1.0, 0.5, 3)[2]
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), rounded, rtol=1e-2, atol=1e-5)
 
 
 def test_topk_with_every_token_is_the_full_kl():
@@ -176,18 +193,23 @@ def test_fast_method_loss_equals_plain(models, mode, loss_rtol, grad_rtol):
 
 
 def test_hidden_cache_rows_are_the_teachers_last_hidden_states(models):
-    """Through a copy of the output layer, each batch's cached rows give the live teacher's answer-token logits."""
+    """Each batch's cached rows are the live teacher's last hidden states at its answer tokens plus the log-normaliser
+    of its logits at tau: through the output layer / tau, they give its log-probabilities at tau."""
     teacher, _, tokenizer, facts, cfg = models
     batches = S.qa_batches(tokenizer, facts, 8)
-    cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7), "hidden")
-    assert cache["rows"].shape == (batches.answer_tokens, teacher.config.hidden_size)
-    assert cache["head"][0].data_ptr() != teacher.get_output_embeddings().weight.data_ptr()  # a copy, not the live weight
+    cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7, temperature=0.7), "hidden")
+    assert cache["rows"].shape == (batches.answer_tokens, teacher.config.hidden_size + 1)
+    weight = teacher.get_output_embeddings().weight
+    assert cache["head"][0].data_ptr() != weight.data_ptr() and torch.allclose(cache["head"][0] * 0.7, weight)
     for batch in batches(torch.Generator().manual_seed(1)):
         with torch.no_grad():
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        hidden, ids = S.cached_teacher_rows(cache, batch["index"])
+            logits, hidden = S.teacher_forward_with_hidden(teacher, batch)
+        answer = batch["labels"][:, 1:] != -100
+        rows, ids = S.cached_teacher_rows(cache, batch["index"])
         assert ids is None
-        assert torch.allclose(F.linear(hidden, *cache["head"]), logits[batch["labels"][:, 1:] != -100], atol=1e-5)
+        assert torch.equal(rows[:, :-1], hidden[:, :-1][answer])
+        log_q = F.linear(rows[:, :-1], *cache["head"]) - rows[:, -1:]
+        assert torch.allclose(log_q, F.log_softmax(logits[:, :-1][answer] / 0.7, -1), atol=1e-5)
 
 
 def scaled_logits(model, factor=2.0):
@@ -212,6 +234,37 @@ def test_auto_caches_hidden_states_else_fp32_when_the_cache_fits_else_runs_the_t
     assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="auto", teacher_cache_max_mb=fits - 1)) == "live"
     assert S.teacher_cache_mode(teacher, None, replace(cfg, teacher_cache="auto")) == "live"  # nothing to cache
     assert S.teacher_cache_mode(teacher, batches, replace(cfg, teacher_cache="topk")) == "topk"
+
+
+def test_live_teacher_runs_its_output_layer_on_answer_tokens_only(models):
+    """A live teacher stops at its last hidden states (its output layer is applied to the answer tokens inside the
+    loss), and gives the plain loss; a teacher whose logits are not its output layer on them runs whole."""
+    teacher, student, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    live = replace(cfg, teacher_cache="live", kl_chunk=4, temperature=0.7)
+    assert S.output_layer_separable(teacher, batches)
+    calls = []
+    hook = teacher.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        loss_fn = S.method_loss("selfdistill", student, teacher, live, batches)
+        calls.clear()  # the setup's checks run it on one example
+        batch = batches.batch_of([0, 1, 2, 3])
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+    finally:
+        hook.remove()
+    assert calls == []
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    plain = S.self_distillation_loss(logits, teacher_logits, batch["labels"][:, 1:], cfg.kl_weight, 0.7)[0]
+    assert torch.allclose(loss, plain, rtol=1e-5)
+    scaled = scaled_logits(copy.deepcopy(teacher))
+    assert not S.output_layer_separable(scaled, batches)
+    loss_fn = S.method_loss("selfdistill", student, scaled, live, batches)
+    with torch.no_grad():
+        scaled_teacher_logits = scaled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    plain = S.self_distillation_loss(logits, scaled_teacher_logits, batch["labels"][:, 1:], cfg.kl_weight, 0.7)[0]
+    assert torch.allclose(loss_fn(logits, batch["labels"][:, 1:], batch), plain, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["hidden", "fp32"])
