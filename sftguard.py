@@ -102,7 +102,7 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
     kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token and the log-normaliser of its logits, computed once, and its output layer / tau: the log-probabilities are one matmul away; exact to float rounding, d + 1 instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step)"})
+    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token and the log-normaliser of its logits, computed once, and its output layer / tau: the log-probabilities are one matmul away; exact to float rounding, d + 1 instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step, up to its last hidden states where the model allows: its output layer then runs on the answer tokens only)"})
     teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
     kl_chunk: int = field(default=32, metadata={"help": "selfdistill: answer tokens per chunk of the loss (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
@@ -643,8 +643,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
     the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
     teacher_head = (weight, bias) / tau of its output layer, its last hidden states [N, d] (log-softmax taken here)
     or those plus the log-normaliser of its logits at tau in a last column [N, d + 1] (the cache: one pass fewer),
-    turned into log-probabilities a chunk at a time. The KL output
-    is for logging: it carries no gradient of its own."""
+    turned into log-probabilities a chunk at a time. The KL output is for logging: it carries no gradient."""
 
     @staticmethod
     def forward(ctx, logits, answer, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float,
