@@ -743,18 +743,24 @@ def teacher_output_layer(teacher, temperature: float):
     return head.weight.detach() / temperature, None if head.bias is None else head.bias.detach() / temperature
 
 
-def logits_from_last_hidden(teacher, batches) -> bool:
+def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> bool:
     """Whether logits == output layer(last hidden state) on the first training example (not so for soft-capped or
-    rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact."""
+    rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact; with from_base_model, also
+    whether the base model alone returns that hidden state (so a live teacher may stop there)."""
     head = teacher.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or not hasattr(batches, "batch_of"):
+        return False
+    if from_base_model and teacher.base_model is teacher:
         return False
     teacher.eval()
     device = head.weight.device
     batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
     logits, hidden = teacher_forward_with_hidden(teacher, batch)
-    return logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
+    same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
                                                                      logits.float(), rtol=1e-4, atol=1e-4)
+    if same and from_base_model:
+        same = torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
+    return same
 
 
 @torch.no_grad()
@@ -766,12 +772,7 @@ def teacher_last_hidden(teacher, batch):
 def output_layer_separable(teacher, batches) -> bool:
     """Whether a live teacher may skip its output layer at prompt tokens: its logits are its output layer on its last
     hidden states, and its base model returns those states (both checked on the first training example)."""
-    if teacher.base_model is teacher or not logits_from_last_hidden(teacher, batches):
-        return False
-    device = teacher.get_output_embeddings().weight.device
-    batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
-    hidden = teacher_forward_with_hidden(teacher, batch)[1]
-    return torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
+    return logits_from_last_hidden(teacher, batches, from_base_model=True)
 
 
 @torch.no_grad()
