@@ -624,7 +624,7 @@ def self_distillation_loss_chunked(student_logits, teacher_rows, labels, kl_weig
                                    chunk: int, teacher_ids=None, teacher_head=None):
     """Eq. 1-2 as in self_distillation_loss, with the teacher given one row per answer token in the order of
     labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at
-    tau, or with teacher_head (see teacher_output_layer) its last hidden states, with or without log-normalisers.
+    tau, or with teacher_head (an output layer) hidden states, with or without log-normalisers.
     Returns (loss, kl)."""
     answer = labels != -100
     if int(answer.sum()) != len(teacher_rows):
@@ -641,9 +641,11 @@ class ChunkedSelfDistillation(torch.autograd.Function):
 
     q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
     the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
-    teacher_head = (weight, bias) / tau of its output layer, its last hidden states [N, d] (log-softmax taken here)
-    or those plus the log-normaliser of its logits at tau in a last column [N, d + 1] (the cache: one pass fewer),
-    turned into log-probabilities a chunk at a time. The KL output is for logging: it carries no gradient."""
+    teacher_head = (weight, bias) such that F.linear(row, weight, bias) are its logits at tau (the cache: its output
+    layer / tau, rows its last hidden states; a live teacher: its own weight and bias / tau, rows hidden / tau, so
+    nothing is copied), rows [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at tau in
+    a last column [N, d + 1] (the cache: one pass fewer), turned into log-probabilities a chunk at a time. The KL
+    output is for logging: it carries no gradient."""
 
     @staticmethod
     def forward(ctx, logits, answer, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float,

@@ -340,7 +340,6 @@ def measured_row(spec: dict, seconds: list[float], tokens: list[int], model, bas
 
     return {"method": spec["method"], "model": spec["size"], "model_params": sftguard.count_params(model),
             "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
-            "phase": spec.get("phase", "time"),
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem),
             "steps_per_repeat": spec["steps"], "repeat_s": seconds, "repeat_tokens": tokens,
             "flops_per_token_per_param": 6 + 2 * extra_forward}  # model FLOPs: 6N a trained token, 2N more for a live teacher
@@ -354,7 +353,6 @@ def merge_rounds(runs: list[dict], memory: dict, peak_flops: float) -> dict:
     row = {**runs[0], "repeat_s": [s for r in runs for s in r["repeat_s"]], "repeat_tokens": [t for r in runs for t in r["repeat_tokens"]],
            "peak_mem_bytes": memory["peak_mem_bytes"], "peak_mem_delta_bytes": memory["peak_mem_delta_bytes"],
            "peak_mem_timing_bytes": max(r["peak_mem_bytes"] for r in runs)}  # with the build and a cache's construction
-    row.pop("phase")
     steps, seconds, tokens = row["steps_per_repeat"], row["repeat_s"], row["repeat_tokens"]
     row.update(rounds=len(runs), repeats=len(seconds), batch=f"{row['batch_size']}x{round(statistics.mean(tokens) / steps / row['batch_size'])}",
                tokens_per_s=statistics.median(t / s for t, s in zip(tokens, seconds)), step_ms=1000 * statistics.median(seconds) / steps)
