@@ -106,7 +106,7 @@ class Config:
     teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
     teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
     kl_chunk: int = field(default=32, metadata={"help": "selfdistill: answer tokens per chunk of the loss (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
-    trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | all | layers:0,1 (comma-joined) or a regex on parameter names"})
+    trainable: str = field(default="attn", metadata={"help": "freeze: what trains: attn | mlp | embed | norm | all | layers:0,1 (groups comma-joined; by module structure) or a regex on names"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
     warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
@@ -834,43 +834,106 @@ def l2_pull(model, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(trainable_parameters(model), anchor))
 
 
-PARAM_GROUPS = {  # the names used by GPT-2, Llama, Qwen2 and GPT-NeoX
-    "attn": r"\.(attn|self_attn|attention)\.",
-    "mlp": r"\.mlp\.",
-    "embed": r"(wte|wpe|embed_tokens|embed_in|embed_out|lm_head)\.",
-    "all": r".",
+# Parameter groups by module structure, so that they mean the same on every decoder-only architecture: the decoder
+# blocks are the base model's list of layers; in each block the attention is the child the block calls for
+# self-attention (an *Attention* / *Attn* class, or the one holding q/k/v or fused qkv projections) and the
+# feed-forward is the *MLP* / *FeedForward* / *MoE* child (experts and router included) or Linear layers sitting
+# directly on the block (OPT's fc1, fc2). Norms are a group of their own, in no other: a block's layer norms,
+# the q/k norms inside attention (Qwen3, OLMo-2, Gemma-3), the final norm, so attention-only and MLP-only both
+# keep them frozen. What fits nowhere (e.g. a state-space mixer) is in no group and trains only under all / a regex.
+PARAM_GROUPS = {
+    "attn": "each block's self-attention: q/k/v/o or fused qkv projections, without the q/k norms",
+    "mlp": "each block's feed-forward: MLP, MoE experts and router, or Linear layers directly on the block",
+    "embed": "input embeddings, learned position embeddings and the output layer (one matrix when tied)",
+    "norm": "every normalisation layer: in the blocks, q/k norms inside attention, the final norm",
+    "all": "every parameter",
 }
+ATTENTION_CLASS = re.compile(r"attention|attn", re.I)
+FEED_FORWARD_CLASS = re.compile(r"mlp|feedforward|ffn|moe|expert", re.I)
+ATTENTION_PROJECTION = re.compile(r"^(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|wqkv)\.", re.I)
+FEED_FORWARD_PROJECTION = re.compile(r"^(up_proj|down_proj|gate_proj|gate_up_proj|fc1|fc2|fc_in|c_fc|w1|w2|w3|dense_h_to_4h)\.", re.I)
 
 
-def trainable_pattern(spec: str) -> str:
-    """'attn,mlp' -> one regex; 'layers:0,1' -> the blocks 0 and 1; anything else is a regex itself."""
+def is_norm(module) -> bool:
+    return "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, CohereLayerNorm, ...
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks (model.layers, transformer.h, model.decoder.layers, ...): the shallowest ModuleList."""
+    lists = [(name.count("."), module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"--trainable: {type(model).__name__} has no list of decoder blocks; pass a regex on parameter names")
+    return min(lists, key=lambda depth_and_list: depth_and_list[0])[1]
+
+
+def block_child_group(child) -> str | None:
+    """attn, mlp or norm for a child module of a decoder block; None when it is none of them."""
+    if is_norm(child):
+        return "norm"
+    names = [n for n, _ in child.named_parameters()]
+    if ATTENTION_CLASS.search(type(child).__name__) or any(ATTENTION_PROJECTION.match(n) for n in names):
+        return "attn"
+    if FEED_FORWARD_CLASS.search(type(child).__name__) or any(FEED_FORWARD_PROJECTION.match(n) for n in names):
+        return "mlp"
+    return "mlp" if isinstance(child, torch.nn.Linear) else None  # a feed-forward layer directly on the block
+
+
+def parameter_groups(model) -> dict[str, str | None]:
+    """{parameter name: attn | mlp | embed | norm | None}, decided by module structure (see PARAM_GROUPS)."""
+    group_of = {}  # id(parameter) -> group; the first claim wins (a tied output layer is the input embedding)
+
+    def claim(module, group):
+        for sub in module.modules():
+            for p in sub.parameters(recurse=False):
+                group_of.setdefault(id(p), "norm" if is_norm(sub) else group)
+    for block in decoder_blocks(model):
+        for child in block.children():
+            claim(child, block_child_group(child))
+    claim(model.get_input_embeddings(), "embed")
+    if model.get_output_embeddings() is not None:
+        claim(model.get_output_embeddings(), "embed")
+    for module in model.modules():  # the rest: learned position embeddings (GPT-2's wpe, OPT's embed_positions), norms
+        for p in module.parameters(recurse=False):
+            group_of.setdefault(id(p), "embed" if isinstance(module, torch.nn.Embedding) else "norm" if is_norm(module) else None)
+    return {name: group_of.get(id(p)) for name, p in model.named_parameters()}
+
+
+def chosen_parameter_names(model, spec: str) -> list[str]:
+    """The names --trainable picks: 'attn,mlp' -> those groups; 'layers:0,1' -> the blocks 0 and 1; else a regex."""
     if not spec.strip():
         raise UserError(f"--trainable is empty; name a group ({', '.join(PARAM_GROUPS)}), layers:0,1, or a regex")
+    named = list(model.named_parameters())
     if spec.startswith("layers:"):
         numbers = [n.strip() for n in spec[len("layers:"):].split(",")]
         if not all(n.isdigit() for n in numbers):
             raise UserError(f"--trainable {spec!r}: write layers as layers:0,1")
-        return rf"\.(h|layers)\.({'|'.join(numbers)})\."
-    names = [s.strip() for s in spec.split(",")]
-    if all(n in PARAM_GROUPS for n in names):
-        return "|".join(PARAM_GROUPS[n] for n in names)
+        blocks = decoder_blocks(model)
+        if max(map(int, numbers)) >= len(blocks):
+            raise UserError(f"--trainable {spec!r}: this model has {len(blocks)} blocks, layers:0 to layers:{len(blocks) - 1}")
+        inside = {id(p) for n in numbers for p in blocks[int(n)].parameters()}
+        return [name for name, p in named if id(p) in inside]
+    groups = [s.strip() for s in spec.split(",")]
+    if all(g in PARAM_GROUPS for g in groups):
+        group_of = parameter_groups(model)
+        return [name for name, _ in named if "all" in groups or group_of[name] in groups]
     try:
-        re.compile(spec)
+        pattern = re.compile(spec)
     except re.error as e:
         raise UserError(f"--trainable {spec!r} is neither a group ({', '.join(PARAM_GROUPS)}) nor a valid regex ({e})") from None
-    return spec
+    return [name for name, _ in named if pattern.search(name)]
 
 
 def set_trainable(model, spec: str) -> list[str]:
-    """Freeze every parameter whose name does not match; the one place where freezing is decided."""
-    pattern = re.compile(trainable_pattern(spec))
+    """Freeze every parameter --trainable does not pick; the one place where freezing is decided."""
+    chosen = set(chosen_parameter_names(model, spec))
     names = [n for n, _ in model.named_parameters()]
-    chosen = [n for n in names if pattern.search(n)]
     if not chosen:
-        raise UserError(f"--trainable {spec!r} matches no parameter; names look like {names[1]!r}, {names[-2]!r}")
+        raise UserError(f"--trainable {spec!r} matches no parameter of this {type(model).__name__}; "
+                        f"names look like {names[1]!r}, {names[-2]!r}")
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
-    return chosen
+    return [n for n in names if n in chosen]
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
