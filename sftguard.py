@@ -60,8 +60,10 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
-    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its last checkpoint (the teacher after stage 1, the student after each stage-2 epoch); needs the same flags"})
+    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its last checkpoint (the teacher after stage 1, each finished method, the student's last epoch checkpoint); needs the same flags"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (by default they are deleted then; a killed run keeps them for --resume)"})
+    epoch_checkpoints: str = field(default="auto", metadata={"help": "stage 2: save the student (weights + AdamW state) after every epoch: auto (if under epoch_checkpoint_max_mb) | always | never"})
+    epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "--epoch_checkpoints auto: the largest epoch checkpoint to write (a 7B model's is ~85 GB); larger: restart from the teacher"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
 
     # --- 3. SliCK knowledge categories (Gekhman et al. 2024: 10 prompts x (1 greedy + 16 samples), 4-shot)
@@ -185,6 +187,8 @@ def check_config(cfg: Config):
         raise UserError("--resume continues the run in --out and --overwrite starts it over; pass one of them")
     if cfg.resume and cfg.experiment:
         raise UserError("--resume works for --method and --sweep runs, not for --experiment; run the experiment again")
+    if cfg.epoch_checkpoints not in EPOCH_CHECKPOINTS or cfg.epoch_checkpoint_max_mb < 0:
+        raise UserError(f"--epoch_checkpoints must be one of {', '.join(EPOCH_CHECKPOINTS)} and --epoch_checkpoint_max_mb >= 0")
     if cfg.teacher_cache not in TEACHER_CACHES:
         raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
     if cfg.teacher_topk < 1 or cfg.kl_chunk < 0:
@@ -977,13 +981,14 @@ def qa_batches(tokenizer, facts: list[dict], batch_size: int):
 
 
 def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc: str, weight_decay: float = 0.0,
-          on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None) -> dict:
+          on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None,
+          save_every_epoch: bool = True) -> dict:
     """The one training loop: AdamW, warm-up then cosine, clipping, a NaN guard, tokens/s.
 
     batches(generator) yields one epoch of batches; loss_fn(logits, labels, batch) is the method's loss
-    on shifted logits/labels; on_epoch_end(epoch) may return True to stop early. With checkpoint_dir, the
-    state after each epoch is saved there (with checkpoint_extra(), a JSON-able dict of the caller's), and
-    training continues after the newest one found there (--resume)."""
+    on shifted logits/labels; on_epoch_end(epoch) may return True to stop early. With checkpoint_dir, training
+    continues after the checkpoint found there (--resume) and, if save_every_epoch, the state after each epoch
+    replaces it (with checkpoint_extra(), a JSON-able dict of the caller's)."""
     device = next(model.parameters()).device
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -1023,10 +1028,14 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             del logits, loss  # free the vocabulary-wide logits (and the graph) before the next step's forward pass
         train_seconds += time.perf_counter() - start
         stop = bool(on_epoch_end is not None and on_epoch_end(epoch))
-        if checkpoint_dir is not None:
-            save_epoch_checkpoint(checkpoint_dir, epoch, model, optimizer, generator,
-                                  {"step": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": stop,
-                                   "extra": checkpoint_extra() if checkpoint_extra is not None else None})
+        if checkpoint_dir is not None and save_every_epoch:
+            try:
+                save_epoch_checkpoint(checkpoint_dir, epoch, model, optimizer, generator,
+                                      {"step": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": stop,
+                                       "extra": checkpoint_extra() if checkpoint_extra is not None else None})
+            except UserError:  # a full disk: the message starts a line of its own
+                bar.close()
+                raise
         if stop:
             break
     bar.close()
@@ -1034,9 +1043,47 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9)}
 
 
-# Checkpoints for --resume. Each is a folder written under a temporary name and then renamed into place, so a
-# run killed at any moment leaves the previous one whole. Weights are safetensors; the optimizer and RNG states
-# are plain tensors, read back with torch.load(weights_only=True), which cannot run code.
+# Checkpoints for --resume, written per stage so that a 7B run can afford them: the teacher once after stage 1,
+# each method's result when it finishes, and the student after each stage-2 epoch only where that is cheap
+# (--epoch_checkpoints): at 7B weights + AdamW state are ~85 GB and minutes to write. At most one student
+# checkpoint exists: the last is deleted before the next is written, so a run killed in between restarts that
+# method from the teacher, which gives the same numbers (seeded). Each is a folder written under a temporary
+# name and then renamed into place, so a killed write leaves no half checkpoint. Weights are safetensors; the
+# optimizer and RNG states are plain tensors, read back with torch.load(weights_only=True), which cannot run code.
+EPOCH_CHECKPOINTS = ("auto", "always", "never")
+MORE_SPACE = "free some space or choose another --out"
+LESS_SPACE = "free some space, choose another --out, or pass --epoch_checkpoints never (with --resume, the run goes on)"
+
+
+def model_bytes(model) -> int:
+    """What save_model writes: every parameter (a tied one once) and buffer."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def epoch_checkpoint_bytes(model) -> int:
+    """One epoch checkpoint: the weights and AdamW's two moments of every trainable weight."""
+    return model_bytes(model) + 2 * sum(p.numel() * p.element_size() for p in trainable_parameters(model))
+
+
+def saves_epoch_checkpoints(model, cfg: Config) -> bool:
+    """--epoch_checkpoints: always, never, or auto: while one is at most --epoch_checkpoint_max_mb."""
+    if cfg.epoch_checkpoints == "auto":
+        return epoch_checkpoint_bytes(model) <= cfg.epoch_checkpoint_max_mb * 2**20
+    return cfg.epoch_checkpoints == "always"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def check_free_space(folder: Path, needed: int, what: str, fix: str, reclaimed: int = 0):
+    """Refuse, before writing anything, a checkpoint the disk cannot hold (counting what will be deleted first)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # it may not be created yet
+    free = shutil.disk_usage(existing).free + reclaimed
+    if needed > free:
+        raise UserError(f"{what} needs {needed / 1e9:.3g} GB in {folder} but its disk has {free / 1e9:.3g} GB free; {fix}")
+
+
 def save_folder_atomic(folder: Path, write):
     """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -1048,8 +1095,15 @@ def save_folder_atomic(folder: Path, write):
 
 
 def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict):
-    """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs."""
+    """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs.
+    It replaces the last one, which is deleted first (once the disk is known to hold the new one)."""
     from safetensors.torch import save_model
+
+    old = list(checkpoint_dir.glob("epoch-*"))
+    check_free_space(checkpoint_dir, epoch_checkpoint_bytes(model), "the student's epoch checkpoint", LESS_SPACE,
+                     reclaimed=sum(map(folder_bytes, old)))
+    for path in old:
+        shutil.rmtree(path)
 
     def write(tmp: Path):
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
@@ -1061,9 +1115,6 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
 
     save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
-    for old in checkpoint_dir.glob("epoch-*"):  # only the newest is needed
-        if old.name != f"epoch-{epoch:04d}":
-            shutil.rmtree(old)
 
 
 def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
@@ -1118,6 +1169,10 @@ def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config, checkpoi
         tqdm.write(f"stage 1: resumed the teacher from {saved}")
         return freeze_as_teacher(model), json.loads((saved / "stage1.json").read_text())
     set_trainable(model, "all")
+    if saved is not None:  # before stage 1, not after it: room for the teacher and the largest epoch checkpoint
+        epoch_bytes = epoch_checkpoint_bytes(model) if saves_epoch_checkpoints(model, cfg) else 0
+        check_free_space(checkpoint_dir, model_bytes(model) + epoch_bytes,
+                         "the teacher and an epoch checkpoint" if epoch_bytes else "the teacher", LESS_SPACE if epoch_bytes else MORE_SPACE)
     best = {"acc": -1.0, "state": None, "epoch": 0}
     history = []
 
@@ -1133,7 +1188,9 @@ def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config, checkpoi
     model.load_state_dict(best["state"])
     teacher = freeze_as_teacher(model)
     stage1 = {"best_epoch": best["epoch"], "val_acc": best["acc"], "history": history}
-    if saved is not None:
+    if saved is not None:  # the one teacher checkpoint, written once
+        check_free_space(checkpoint_dir, model_bytes(teacher), "the teacher", MORE_SPACE)
+
         def write(tmp: Path):
             save_model(teacher, str(tmp / "model.safetensors"))
             (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
@@ -1195,9 +1252,11 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
                checkpoint_dir: Path | None = None) -> dict:
     """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
-    the student is saved there after every epoch and the result when done, and a killed run resumes from them."""
+    the result is saved there when done and the student after every epoch where that is cheap (--epoch_checkpoints),
+    and a killed run resumes from them (or restarts the method from the teacher)."""
     if checkpoint_dir is not None and (checkpoint_dir / "result.json").is_file():  # --resume: finished before the kill
         tqdm.write(f"{run_name(method, trainable)}: resumed the finished result from {checkpoint_dir}")
+        drop_epoch_checkpoints(checkpoint_dir)  # one a kill left beside the result
         return json.loads((checkpoint_dir / "result.json").read_text())
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -1213,19 +1272,27 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
         tqdm.write(f"  {run_name(method, trainable)} epoch {epoch}: " + "  ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "epoch"))
 
     batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
+    every_epoch = checkpoint_dir is not None and saves_epoch_checkpoints(student, cfg)
+    if checkpoint_dir is not None and not every_epoch and cfg.epoch_checkpoints == "auto":
+        tqdm.write(f"{run_name(method, trainable)}: no epoch checkpoints ({epoch_checkpoint_bytes(student) / 1e9:.3g} GB each, over "
+                   f"--epoch_checkpoint_max_mb); a killed run restarts this method from the teacher")
     stats = train(student, batches, method_loss(method, student, teacher, cfg, batches),
                   epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable), on_epoch_end=record, seed=cfg.seed,
-                  checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve})
+                  checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve}, save_every_epoch=every_epoch)
     final = {k: v for k, v in curve[-1].items() if k != "epoch"}
     result = {"method": method, "trainable": trainable if method == "freeze" else None,
               "trainable_params": count_params(student, trainable_only=True), "teacher": teacher_scores, "final": final,
               "forgetting": relative_drop(teacher_scores["held_acc"], final["held_acc"]), "curve": curve,
               "train_tokens_per_s": stats["tokens_per_s"], "stage2_s": time.perf_counter() - started}
-    if checkpoint_dir is not None:  # the result replaces the epoch checkpoints
+    if checkpoint_dir is not None:  # the result replaces the epoch checkpoint
         write_json_atomic(checkpoint_dir / "result.json", result)
-        for old in checkpoint_dir.glob("epoch-*"):
-            shutil.rmtree(old)
+        drop_epoch_checkpoints(checkpoint_dir)
     return result
+
+
+def drop_epoch_checkpoints(checkpoint_dir: Path):
+    for old in checkpoint_dir.glob("epoch-*"):
+        shutil.rmtree(old)
 
 
 def relative_drop(before: float, after: float) -> float | None:
@@ -1864,7 +1931,7 @@ def run_root(cfg: Config) -> Path:
 
 
 # Flags that may differ between a killed run and its --resume.
-RESUME_FREE = ("resume", "overwrite", "keep_checkpoints", "out")
+RESUME_FREE = ("resume", "overwrite", "keep_checkpoints", "out", "epoch_checkpoints", "epoch_checkpoint_max_mb")
 
 
 def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
@@ -1876,6 +1943,8 @@ def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
             raise UserError(f"--out: {path} exists and is not a folder; choose another --out")
     finished = [f for f in folders.values() if (f / "results.json").exists()]
     saved = checkpoints / "teacher" / "config.json"
+    for partial in [*checkpoints.glob(".*.tmp-*"), *checkpoints.glob("*/.*.tmp-*")] if cfg.resume else ():
+        shutil.rmtree(partial)  # a checkpoint whose writing a kill cut short: never resumable, possibly tens of GB
     if cfg.resume and saved.is_file():
         theirs, ours = json.loads(saved.read_text()), asdict(cfg)
         differ = [k for k in ours if k not in RESUME_FREE and k in theirs and theirs[k] != ours[k]]

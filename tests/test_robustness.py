@@ -147,6 +147,7 @@ BAD_INPUT = [
     ("width not divisible by heads", ["--n_embd", "65"], "is not divisible by --n_head"),
     ("key/value heads not dividing the heads", ["--n_kv_head", "3"], "does not divide --n_head"),
     ("resume and overwrite", ["--resume", "--overwrite"], "pass one of them"),
+    ("unknown epoch checkpoints", ["--epoch_checkpoints", "sometimes"], "--epoch_checkpoints must be one of auto, always, never"),
     ("unknown device", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("freeze pattern matches nothing", ["--method", "freeze", "--trainable", "no_such_module"], "matches no parameter"),
     ("freeze pattern is a bad regex", ["--method", "freeze", "--trainable", "(mlp"], "nor a valid regex"),
@@ -308,4 +309,27 @@ def test_killed_during_stage_2_then_resumed_gives_the_same_numbers(shared, refer
     assert 1 <= resumed_after < 4  # it really was killed inside stage 2
     result = json.loads((out / "results.json").read_text())
     assert metrics(result) == metrics(reference)
+    assert not (out / "checkpoints").exists()
+
+
+def test_killed_without_epoch_checkpoints_restarts_the_method_from_the_teacher(shared, reference, tmp_path):
+    out, never = tmp_path / "killed", ["--epoch_checkpoints", "never"]  # what a 7B run does by default (auto)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # progress bars: a file, so that no pipe fills up
+        proc = subprocess.Popen([sys.executable, str(REPO / "sftguard.py"), *smoke(shared, out, *RUN, *never)], cwd=REPO,
+                                env=env, text=True, stdout=subprocess.PIPE, stderr=stderr)
+        for line in proc.stdout:  # epoch 1 is done (with its checkpoint, if one were saved): kill inside stage 2
+            if line.startswith("  selfdistill epoch 2:"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+    assert (out / "checkpoints" / "teacher" / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob("*/epoch-*"))  # never: no student checkpoint was written
+
+    proc = run_subprocess(smoke(shared, out, *RUN, *never, "--resume"))
+    log, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stage 1: resumed the teacher" in log and "resumed after epoch" not in log, log
+    assert metrics(json.loads((out / "results.json").read_text())) == metrics(reference)  # as if never killed
     assert not (out / "checkpoints").exists()
