@@ -1056,7 +1056,7 @@ LESS_SPACE = "free some space, choose another --out, or pass --epoch_checkpoints
 
 
 def model_bytes(model) -> int:
-    """What save_model writes: every parameter (a tied one once) and buffer."""
+    """About what save_model writes: every parameter (a tied one once) and buffer."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
