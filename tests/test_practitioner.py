@@ -17,9 +17,10 @@ def smoke_args(smoke_dirs, *args):
 
 @pytest.fixture(scope="module")
 def saved_run(smoke_base, smoke_dirs, sftguard_cli, tmp_path_factory):
-    """`--method all --save_model`: one model folder per method and the teacher, from one shared teacher."""
+    """`--method all --save_model`: one model folder per method and the teacher, from one shared teacher. --eval_max 12:
+    the run evaluates a fixed subset of its 20 D_held facts, which the audit must find."""
     out = tmp_path_factory.mktemp("saved") / "run"
-    result = sftguard_cli(*smoke_args(smoke_dirs, "--method", "all", "--save_model", "--out", out))
+    result = sftguard_cli(*smoke_args(smoke_dirs, "--method", "all", "--save_model", "--eval_max", 12, "--out", out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -39,7 +40,7 @@ def test_save_model_writes_loadable_folders(saved_run):
     # stage 2 changed the model: the folder holds the trained student, not a copy of the teacher
     assert any(not torch.equal(a, b) for a, b in zip(sft.state_dict().values(), teacher.state_dict().values()))
     ids = json.loads((saved_run / "sft" / "results.json").read_text())["held_eval_ids"]
-    assert len(ids) == json.loads((saved_run / "sft" / "results.json").read_text())["splits"]["held"]
+    assert len(ids) == len(set(ids)) == 12  # the evaluated subset of D_held (20 facts), in the run's order
 
 
 @pytest.mark.parametrize("method", ["sft", "selfdistill"])
@@ -98,6 +99,23 @@ def test_screen_splits_the_set_by_category(smoke_base, smoke_dirs, tmp_path):
     assert len(idk) == report["categories"]["Unknown"] and all(r["answers"] == ["I don't know"] for r in idk)
     md = (tmp_path / "screen.md").read_text()
     assert f"**{report['categories']['Unknown']} examples" in md and "--unknown_answer" in md and "--method selfdistill" in md
+
+
+def test_audit_of_a_peft_adapter_equals_the_merged_model(smoke_base, smoke_dirs, tmp_path):
+    """A LoRA adapter folder is audited as the base model with the adapter merged in."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(copy.deepcopy(smoke_base.model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): give it a real change
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = save_as(lora.merge_and_unload(), smoke_base.tokenizer, tmp_path / "merged")
+    via_adapter = audit(smoke_dirs, tmp_path / "a", "--audit", tmp_path / "adapter", "--model", smoke_base.path)
+    via_merged = audit(smoke_dirs, tmp_path / "m", "--audit", merged, "--model", smoke_base.path)
+    assert via_adapter["all"]["newly_hallucinated"] > 0  # the adapter changed the answers
+    assert via_adapter["by_category"] == via_merged["by_category"] and via_adapter["examples"] == via_merged["examples"]
 
 
 # --- bad input: one clear line, exit 2 --------------------------------------------------------------------------
@@ -171,15 +189,30 @@ def sftguard_lr_factor(step: int, total: int, warmup: int) -> float:
     return (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-@pytest.mark.parametrize("teacher_mode", ["cache", "live"])
-def test_trainer_with_self_distillation_equals_sftguard_train(smoke_base, tmp_path, teacher_mode):
-    """A few steps of transformers' Trainer with SelfDistillationLoss and of sftguard's train() on the same batches
-    (same order, AdamW, lr schedule and clipping): the same losses and weights. cache: the teacher computed once on
-    sftguard's qa_batches (the dataset yields positions); live: a teacher forward pass per step on a plain tokenized
-    dataset padded by transformers' DataCollatorForSeq2Seq. Tolerance: 1e-5 relative on the losses, 1e-6 on weights."""
+def trainer_side(kind: str, tokenizer, facts: list[dict], order: list[int], dataset, collator, batches):
+    """(Trainer class, its constructor arguments) for one way of feeding it: sftguard's teacher cache, a plain tokenized
+    dataset with transformers' collator, or TRL's SFTTrainer on prompt / completion pairs (its own tokenizer and collator)."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    if kind == "cache":
+        return Trainer, TrainingArguments, dict(train_dataset=dataset.select(order), data_collator=collator, teacher_batches=batches)
+    if kind == "live":
+        tokenizer.padding_side = "right"  # as sftguard pads its training batches
+        return Trainer, TrainingArguments, dict(train_dataset=Dataset.from_list([S.encode_qa(tokenizer, facts[i]) for i in order]),
+                                                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trl = pytest.importorskip("trl")
+    pairs = [{"prompt": S.QA_PROMPT.format(question=facts[i]["question"]), "completion": " " + facts[i]["answers"][0]} for i in order]
+    return trl.SFTTrainer, trl.SFTConfig, dict(train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["cache", "live", "trl"])
+def test_trainer_with_self_distillation_equals_sftguard_train(smoke_base, tmp_path, kind):
+    """Two epochs (6 steps) of transformers' Trainer with SelfDistillationLoss and of sftguard's train() on the same
+    batches (same order, AdamW betas, lr schedule, clipping): the same losses and weights. cache: the teacher computed
+    once on sftguard's qa_batches (the dataset yields positions); live: a teacher forward pass per step on a plain
+    tokenized dataset padded by transformers' DataCollatorForSeq2Seq; trl: TRL's SFTTrainer on prompt / completion
+    pairs. Tolerance: 1e-5 relative on the losses, 1e-6 absolute on the weights (CPU float32)."""
     tokenizer, batch_size, epochs = smoke_base.tokenizer, 8, 2
     cfg = S.replace(smoke_base.cfg, batch_size=batch_size, kl_weight=1.0, temperature=0.5)
     facts = smoke_base.facts[:24]  # a whole number of batches: the Trainer's stream splits into the same batches
@@ -199,30 +232,25 @@ def test_trainer_with_self_distillation_equals_sftguard_train(smoke_base, tmp_pa
     ours, theirs = [], []
     student = copy.deepcopy(teacher)
     S.set_trainable(student, "all")
-    loss_cfg = cfg if teacher_mode == "cache" else S.replace(cfg, teacher_cache="live")
-    S.train(student, batches, recorded(S.method_loss("selfdistill", student, teacher, loss_cfg, batches if teacher_mode == "cache" else None), ours),
-            epochs=epochs, lr=cfg.lr, cfg=cfg, desc="sftguard", seed=cfg.seed)
+    loss_cfg = cfg if kind == "cache" else S.replace(cfg, teacher_cache="live")
+    loss_fn = S.method_loss("selfdistill", student, teacher, loss_cfg, batches if kind == "cache" else None)
+    S.train(student, batches, recorded(loss_fn, ours), epochs=epochs, lr=cfg.lr, cfg=cfg, desc="sftguard", seed=cfg.seed)
 
     model = copy.deepcopy(teacher)
     S.set_trainable(model, "all")
-    if teacher_mode == "cache":
-        train_dataset, data_collator, teacher_batches = dataset.select(order), collator, batches
-    else:
-        tokenizer.padding_side = "right"  # as sftguard pads its training batches
-        train_dataset = Dataset.from_list([S.encode_qa(tokenizer, facts[i]) for i in order])
-        data_collator, teacher_batches = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, int(cfg.warmup_frac * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: sftguard_lr_factor(step, total, warmup))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch_size, num_train_epochs=1,
-                             max_grad_norm=cfg.grad_clip, train_sampling_strategy="sequential", remove_unused_columns=False,
-                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    trainer_class, args_class, data = trainer_side(kind, tokenizer, facts, order, dataset, collator, batches)
+    args = args_class(output_dir=str(tmp_path), per_device_train_batch_size=batch_size, num_train_epochs=1,
+                      max_grad_norm=cfg.grad_clip, train_sampling_strategy="sequential", remove_unused_columns=False,
+                      report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
+                      bf16=False)  # SFTConfig's default is bf16 autocast; train() here runs in float32
 
-    class SelfDistillationTrainer(S.SelfDistillationLoss, Trainer):
+    class SelfDistillationTrainer(S.SelfDistillationLoss, trainer_class):
         pass
-    trainer = SelfDistillationTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                                      optimizers=(optimizer, scheduler), teacher=teacher, kl_weight=cfg.kl_weight,
-                                      temperature=cfg.temperature, teacher_batches=teacher_batches)
+    trainer = SelfDistillationTrainer(model=model, args=args, optimizers=(optimizer, scheduler), teacher=teacher,
+                                      kl_weight=cfg.kl_weight, temperature=cfg.temperature, **data)
     trainer.sftguard_loss = recorded(trainer.sftguard_loss, theirs)
     trainer.train()
 
