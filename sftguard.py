@@ -1914,7 +1914,8 @@ def audit_markdown(report: dict, plotted: bool) -> str:
             f"- **Gained**: {unknown['gained']} of {unknown['facts']} Unknown facts now answered right\n\n"
             f"## By knowledge category (the base's)\n\n" + audit_table(report["by_category"], "category") +
             f"\n## By relation, on the probe\n\n" + audit_table({r: v["probe"] for r, v in report["by_relation"].items()}, "relation") +
-            f"\n## By relation, all facts\n\n" + audit_table({r: v["all"] for r, v in report["by_relation"].items()}, "relation") +
+            ("" if report["audit_facts"] else  # restricted to the run's probe, "all facts" is the probe again
+             f"\n## By relation, all facts\n\n" + audit_table({r: v["all"] for r, v in report["by_relation"].items()}, "relation")) +
             (f"\n![accuracy per relation](audit.png)\n" if plotted else
              "\naudit.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n") +
             f"\n## Newly hallucinated, examples ({len(report['examples'])} of {report['all']['newly_hallucinated']})\n\n"

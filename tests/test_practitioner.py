@@ -125,11 +125,13 @@ def save_as(model, tokenizer, folder):
     return folder
 
 
-def test_audit_refuses_another_tokenizer(smoke_base, smoke_dirs, tmp_path):
+def test_audit_refuses_another_tokenizer(smoke_base, smoke_dirs, tmp_path, sftguard_cli):
     texts = [f["question"] + " " + f["answers"][0] for f in smoke_base.facts]
     other = save_as(smoke_base.model, S.train_tokenizer(texts, 300), tmp_path / "other-tokenizer")
-    with pytest.raises(S.UserError, match="different tokenizers"):
-        audit(smoke_dirs, tmp_path / "out", "--audit", other, "--model", smoke_base.path)
+    result = sftguard_cli(*smoke_args(smoke_dirs, "--audit", other, "--model", smoke_base.path, "--out", tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "different tokenizers" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out" / "audit.json").exists()
 
 
 def test_audit_refuses_another_architecture(smoke_base, smoke_dirs, tmp_path):
@@ -151,20 +153,13 @@ def test_audit_refuses_data_the_base_does_not_know(smoke_base, smoke_dirs, tmp_p
         audit(smoke_dirs, tmp_path / "out", "--audit", blank, "--model", blank)
 
 
-def test_audit_of_an_adapter_without_peft_says_how_to_install(smoke_base, smoke_dirs, tmp_path, monkeypatch, sftguard_cli):
+def test_audit_of_an_adapter_without_peft_says_how_to_install(smoke_base, smoke_dirs, tmp_path, monkeypatch):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(smoke_base.path)}))
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails, whether or not it is installed
     with pytest.raises(S.UserError, match="peft is not installed; pip install"):
         audit(smoke_dirs, tmp_path / "out", "--audit", adapter, "--model", smoke_base.path)
-    if "peft" in sys.modules and sys.modules["peft"] is None:  # the subprocess below: only where peft is really absent
-        monkeypatch.undo()
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        result = sftguard_cli(*smoke_args(smoke_dirs, "--audit", adapter, "--model", smoke_base.path, "--out", tmp_path / "out"))
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "pip install" in result.stderr
 
 
 def test_audit_facts_needs_a_run_that_recorded_them(smoke_base, smoke_dirs, tmp_path):
