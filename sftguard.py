@@ -350,14 +350,20 @@ def max_answer_tokens(tokenizer, facts: list[dict]) -> int:
     return min(32, longest + 2)
 
 
+def greedy_answers(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> list[str]:
+    """Each fact's question asked zero-shot, answered greedily (accuracy() and --audit score these)."""
+    prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
+                               batch_size=cfg.eval_batch_size, desc=desc)
+    return [a[0] for a in answers]
+
+
 def accuracy(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> float:
     """Greedy zero-shot exact match, the paper's accuracy on D_known, D_unknown and D_held."""
     if not facts:
         return float("nan")
-    prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
-                               batch_size=cfg.eval_batch_size, desc=desc)
-    return sum(is_correct(a[0], f["answers"]) for a, f in zip(answers, facts)) / len(facts)
+    answers = greedy_answers(model, tokenizer, facts, cfg, desc)
+    return sum(is_correct(a, f["answers"]) for a, f in zip(answers, facts)) / len(facts)
 
 
 # =====================================================================================================
@@ -1790,14 +1796,6 @@ def category_pool(facts: list[dict], cfg: Config) -> list[dict]:
     if cfg.slick_max_facts and len(pool) > cfg.slick_max_facts:
         pool = random.Random(0).sample(pool, cfg.slick_max_facts)
     return pool
-
-
-def greedy_answers(model, tokenizer, facts: list[dict], cfg: Config, desc: str) -> list[str]:
-    """Zero-shot greedy answers, asked as accuracy() asks them: same prompts, order, batches and answer length."""
-    prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
-                               batch_size=cfg.eval_batch_size, desc=desc)
-    return [a[0] for a in answers]
 
 
 # --- --audit: the base model against its fine-tune ---------------------------------------------------------
