@@ -13,6 +13,7 @@ Read it top to bottom beside the paper; the sections follow its order:
   6. Stage 2                  factual SFT on D_known + D_unknown by each method, evaluated every epoch
   7. Why SFT forgets          the hypothesis experiments: capacity, behaviour cloning, localized interference;
                               representation drift and the gradient-matched L2 control
+  7b. Practitioners' tools    --audit a fine-tune for forgetting, --screen an SFT set, the loss inside transformers' Trainer
   8. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
 
     python sftguard.py --method selfdistill          # the paper's fix
@@ -128,6 +129,13 @@ class Config:
     exp_relation: str = field(default="country", metadata={"help": "the one relation of the synthetic new facts (the paper's P17 analogue)"})
     exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: at most this many epochs to fit UUID-key facts to the name-key facts' accuracy; 0 = 3 x --epochs"})
 
+    # --- 7b. Practitioners' tools
+    save_model: bool = field(default=False, metadata={"help": "keep each method's final model in <out>/model/ and the teacher in <run>/teacher/ (Hugging Face folders)"})
+    audit: str = field(default="", metadata={"help": "FINETUNED: audit this model folder (or PEFT adapter) against --model BASE on --data; writes audit.* to --out"})
+    audit_facts: str = field(default="", metadata={"help": "with --audit: only the held-out facts that the sftguard run in this folder evaluated"})
+    audit_examples: int = field(default=20, metadata={"help": "with --audit: newly hallucinated facts listed as examples in audit.md"})
+    screen: bool = field(default=False, metadata={"help": "label every example of --data (your QA fine-tuning set) with --model's SliCK category; writes to --out"})
+
 
 # Presets are small sets of overrides, as in nanoGPT; flags given on the command line win.
 PRESETS = {
@@ -215,6 +223,7 @@ def check_config(cfg: Config):
         parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
     if cfg.experiment:
         experiment_plan(cfg)  # raises UserError on a malformed --experiment / --exp_counts / --exp_widths
+    check_practitioner_config(cfg)
 
 
 def seed_everything(seed: int):
@@ -345,14 +354,20 @@ def max_answer_tokens(tokenizer, facts: list[dict]) -> int:
     return min(32, longest + 2)
 
 
+def greedy_answers(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> list[str]:
+    """Each fact's question asked zero-shot, answered greedily (accuracy() and --audit score these)."""
+    prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
+                               batch_size=cfg.eval_batch_size, desc=desc)
+    return [a[0] for a in answers]
+
+
 def accuracy(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> float:
     """Greedy zero-shot exact match, the paper's accuracy on D_known, D_unknown and D_held."""
     if not facts:
         return float("nan")
-    prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
-                               batch_size=cfg.eval_batch_size, desc=desc)
-    return sum(is_correct(a[0], f["answers"]) for a, f in zip(answers, facts)) / len(facts)
+    answers = greedy_answers(model, tokenizer, facts, cfg, desc)
+    return sum(is_correct(a, f["answers"]) for a, f in zip(answers, facts)) / len(facts)
 
 
 # =====================================================================================================
@@ -1250,7 +1265,7 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
 
 
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
-               checkpoint_dir: Path | None = None) -> dict:
+               checkpoint_dir: Path | None = None, save_to: Path | None = None) -> dict:
     """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
     the result is saved there when done and the student after every epoch where that is cheap (--epoch_checkpoints),
     and a killed run resumes from them (or restarts the method from the teacher)."""
@@ -1284,6 +1299,8 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
               "trainable_params": count_params(student, trainable_only=True), "teacher": teacher_scores, "final": final,
               "forgetting": relative_drop(teacher_scores["held_acc"], final["held_acc"]), "curve": curve,
               "train_tokens_per_s": stats["tokens_per_s"], "stage2_s": time.perf_counter() - started}
+    if save_to is not None:  # --save_model: before result.json, so a resumed finished run has its model too
+        save_hf_model(student, tokenizer, save_to)
     if checkpoint_dir is not None:  # the result replaces the epoch checkpoint
         write_json_atomic(checkpoint_dir / "result.json", result)
         drop_epoch_checkpoints(checkpoint_dir)
@@ -1365,7 +1382,8 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
     results = []
     for folder, method, value, run_cfg in runs:
         result = run_method(method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
-                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None)
+                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None,
+                            save_to=folders[folder] / "model" if cfg.save_model else None)
         results.append({**result, **common, "run": folder, "sweep_value": value})
     control = next(r for r in results if r["method"] == "known_only")
     for result, (folder, _, _, run_cfg) in zip(results, runs):
@@ -1875,6 +1893,325 @@ def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: 
 
 
 # =====================================================================================================
+# 7b. Practitioners' tools: audit a fine-tune for forgetting, screen an SFT set, the paper's loss in a Trainer
+# =====================================================================================================
+# The study above asks the paper's question on its own runs. These tools ask it of any two checkpoints of one
+# tokenizer (--audit: did my fine-tune damage what the base knew?), of a QA set before training (--screen: how many
+# examples teach facts the model does not know?), and bring the fix to transformers' Trainer (SelfDistillationLoss).
+def check_practitioner_config(cfg: Config):
+    if cfg.audit and cfg.screen:
+        raise UserError("--audit and --screen are two tools; pass one of them")
+    if (cfg.audit or cfg.screen) and not (cfg.model and cfg.data):
+        what = f"--audit {cfg.audit}" if cfg.audit else "--screen"
+        raise UserError(f"{what} needs --model BASE (the model before fine-tuning) and --data DIR (a data_prep folder)")
+    if cfg.audit_facts and not cfg.audit:
+        raise UserError("--audit_facts restricts an audit: pass it with --audit FINETUNED")
+    if (cfg.audit or cfg.screen) and (cfg.experiment or cfg.sweep or cfg.seeds or cfg.resume):
+        raise UserError("--audit and --screen run alone; drop --experiment, --sweep, --seeds and --resume")
+    if cfg.audit_examples < 0:
+        raise UserError("--audit_examples must be >= 0")
+
+
+def save_hf_model(model, tokenizer, folder: Path):
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
+    def write(tmp: Path):
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+    save_folder_atomic(folder, write)
+
+
+def category_pool(facts: list[dict], cfg: Config) -> list[dict]:
+    """The facts the study categorises: name-key facts (UUID keys are the experiments'), at most slick_max_facts."""
+    pool = [f for f in facts if f.get("key") != "uuid"]
+    if cfg.slick_max_facts and len(pool) > cfg.slick_max_facts:
+        pool = random.Random(0).sample(pool, cfg.slick_max_facts)
+    return pool
+
+
+# --- --audit: the base model against its fine-tune ---------------------------------------------------------
+def load_finetuned(cfg: Config, base, base_tokenizer, data_dir: Path, world: dict, device: torch.device):
+    """The model under audit: a Hugging Face folder, or a PEFT adapter merged into a copy of the base model."""
+    path = Path(cfg.audit)
+    if (path / "adapter_config.json").is_file():
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise UserError(f"--audit {path} is a PEFT adapter and peft is not installed; "
+                            f"pip install -r requirements-extras.txt (or pip install peft)") from None
+        model = PeftModel.from_pretrained(copy.deepcopy(base), path).merge_and_unload()
+        from transformers import AutoTokenizer
+
+        has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        return model.eval(), AutoTokenizer.from_pretrained(path) if has_tokenizer else base_tokenizer
+    try:
+        model, tokenizer, _ = load_base_model(replace(cfg, model=str(path), method="sft"), data_dir, world, device)
+    except UserError as e:  # the same checks as for --model, named after the flag the user gave
+        raise UserError(str(e).replace(f"--model {path}", f"--audit {path}")) from None
+    return model.eval(), tokenizer
+
+
+def check_comparable(cfg: Config, base, base_tokenizer, tuned, tuned_tokenizer):
+    """An audit compares two checkpoints of one model: one tokenizer, one architecture and parameter shapes."""
+    if base_tokenizer.get_vocab() != tuned_tokenizer.get_vocab() or base_tokenizer.eos_token != tuned_tokenizer.eos_token:
+        raise UserError(f"--audit {cfg.audit} and --model {cfg.model} have different tokenizers ({len(tuned_tokenizer)} vs "
+                        f"{len(base_tokenizer)} tokens); pass the base model this checkpoint was fine-tuned from")
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
+    if base.config.model_type != tuned.config.model_type or shapes(base) != shapes(tuned):
+        raise UserError(f"--audit {cfg.audit} (a {tuned.config.model_type}, {count_params(tuned):,} parameters) is not a "
+                        f"fine-tune of --model {cfg.model} (a {base.config.model_type}, {count_params(base):,}); "
+                        f"pass the base model it was fine-tuned from")
+
+
+def run_held_ids(run_dir: Path) -> list[str]:
+    """The D_held facts an earlier run evaluated, in its order (every method of a --method all run shares them)."""
+    found = [run_dir / "results.json"] if (run_dir / "results.json").is_file() else sorted(run_dir.glob("*/results.json"))
+    if not found:
+        raise UserError(f"--audit_facts {run_dir} holds no results.json; pass the --out folder of a finished sftguard run")
+    ids = json.loads(found[0].read_text()).get("held_eval_ids")
+    if not ids:
+        raise UserError(f"{found[0]} does not record its held-out facts (an older sftguard); run it again to audit it")
+    return ids
+
+
+def audit_facts(cfg: Config, facts: list[dict]) -> list[dict]:
+    """The facts to audit: those the study would categorise, or with --audit_facts exactly the run's D_held subset."""
+    if not cfg.audit_facts:
+        return category_pool(facts, cfg)
+    by_id = {f["id"]: f for f in facts}
+    ids = run_held_ids(Path(cfg.audit_facts))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise UserError(f"{len(missing)} held-out facts of the run in {cfg.audit_facts} (e.g. {missing[0]!r}) are not in "
+                        f"--data {cfg.data}; pass the --data of that run")
+    return [by_id[i] for i in ids]
+
+
+def audit_scores(base_ok: list[bool], tuned_ok: list[bool]) -> dict:
+    """Accuracy before and after, the relative drop, facts lost (newly hallucinated) and gained, on one group of facts."""
+    n = len(base_ok)
+    base_acc, tuned_acc = (sum(base_ok) / n, sum(tuned_ok) / n) if n else (None, None)
+    return {"facts": n, "base_acc": base_acc, "finetuned_acc": tuned_acc,
+            "relative_drop": relative_drop(base_acc, tuned_acc) if n else None,
+            "newly_hallucinated": sum(b and not t for b, t in zip(base_ok, tuned_ok)),
+            "gained": sum(t and not b for b, t in zip(base_ok, tuned_ok))}
+
+
+def audit_report(cfg: Config, facts: list[dict], categories: dict, base_answers: list[str], tuned_answers: list[str]) -> dict:
+    """Scores per SliCK category and per relation; the probe of forgetting is the base's HighlyKnown facts (the
+    paper's D_held is HighlyKnown facts), or with --audit_facts the run's own D_held subset."""
+    base_ok = [is_correct(a, f["answers"]) for a, f in zip(base_answers, facts)]
+    tuned_ok = [is_correct(a, f["answers"]) for a, f in zip(tuned_answers, facts)]
+    probe = [True] * len(facts) if cfg.audit_facts else [categories[f["id"]] == "HighlyKnown" for f in facts]
+
+    def scores(keep) -> dict:
+        chosen = [i for i, f in enumerate(facts) if keep(i, f)]
+        return audit_scores([base_ok[i] for i in chosen], [tuned_ok[i] for i in chosen])
+    relations = sorted({f["relation"] for f in facts})
+    lost = [i for i in range(len(facts)) if base_ok[i] and not tuned_ok[i]]
+    return {"finetuned": cfg.audit, "base": cfg.model, "data": cfg.data, "audit_facts": cfg.audit_facts or None,
+            "probe": f"the {len(facts)} held-out facts of {cfg.audit_facts}" if cfg.audit_facts else "HighlyKnown facts of the base",
+            "probe_scores": scores(lambda i, f: probe[i]), "all": scores(lambda i, f: True),
+            "by_category": {c: scores(lambda i, f: categories[f["id"]] == c) for c in CATEGORIES},
+            "by_relation": {r: {"probe": scores(lambda i, f: f["relation"] == r and probe[i]),
+                                "all": scores(lambda i, f: f["relation"] == r)} for r in relations},
+            "examples": [{"id": facts[i]["id"], "relation": facts[i]["relation"], "question": facts[i]["question"],
+                          "answers": facts[i]["answers"], "base_answer": base_answers[i], "finetuned_answer": tuned_answers[i]}
+                         for i in lost[:cfg.audit_examples]]}
+
+
+def audit_table(rows: dict[str, dict], first: str) -> str:
+    lines = [f"| {first} | facts | base | fine-tune | relative drop | newly hallucinated | gained |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['facts']} | {pct(r['base_acc'])} | {pct(r['finetuned_acc'])} | {pct(r['relative_drop'])} | "
+                     f"{r['newly_hallucinated']} | {r['gained']} |")
+    return "\n".join(lines) + "\n"
+
+
+def audit_markdown(report: dict, plotted: bool) -> str:
+    probe, unknown = report["probe_scores"], report["by_category"]["Unknown"]
+    cell = lambda s: str(s).replace("|", "/")  # noqa: E731  (a fact's text must not end a table cell)
+    examples = "".join(f"| {cell(e['question'])} | {cell(' / '.join(e['answers']))} | {cell(e['base_answer'])} | "
+                       f"{cell(e['finetuned_answer']) or '(empty)'} |\n" for e in report["examples"])
+    return (f"# Audit of {report['finetuned']} against {report['base']}\n\n"
+            f"{report['all']['facts']} facts of {report['data']}, categorised by the base model with SliCK; accuracy % is greedy "
+            f"zero-shot exact match. The forgetting probe: {report['probe']}.\n\n"
+            f"- **Forgetting** (relative drop of accuracy on the probe, the paper's measure): {pct(probe['relative_drop'])}% "
+            f"({pct(probe['base_acc'])} -> {pct(probe['finetuned_acc'])})\n"
+            f"- **Newly hallucinated**: {report['all']['newly_hallucinated']} facts the base answered right and the fine-tune "
+            f"answers wrong ({probe['newly_hallucinated']} of them on the probe)\n"
+            f"- **Gained**: {unknown['gained']} of {unknown['facts']} Unknown facts now answered right\n\n"
+            f"## By knowledge category (the base's)\n\n" + audit_table(report["by_category"], "category") +
+            f"\n## By relation, on the probe\n\n" + audit_table({r: v["probe"] for r, v in report["by_relation"].items()}, "relation") +
+            ("" if report["audit_facts"] else  # restricted to the run's probe, "all facts" is the probe again
+             f"\n## By relation, all facts\n\n" + audit_table({r: v["all"] for r, v in report["by_relation"].items()}, "relation")) +
+            (f"\n![accuracy per relation](audit.png)\n" if plotted else
+             "\naudit.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n") +
+            f"\n## Newly hallucinated, examples ({len(report['examples'])} of {report['all']['newly_hallucinated']})\n\n"
+            "| question | gold | base | fine-tune |\n|---|---|---|---|\n" + examples)
+
+
+def plot_audit(path: Path, report: dict) -> bool:
+    """audit.png: the probe's accuracy per relation, base beside fine-tune. False without matplotlib (an extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    relations = list(report["by_relation"])
+    rows = [report["by_relation"][r]["probe"] for r in relations]
+    xs = range(len(relations))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(relations) + 2), 4.8), dpi=120)
+    for offset, key, label, color in ((-0.2, "base_acc", "base", "C0"), (0.2, "finetuned_acc", "fine-tune", "C3")):
+        ax.bar([x + offset for x in xs], [100 * (r[key] or 0) for r in rows], width=0.4, label=label, color=color)
+    for x, r in zip(xs, rows):
+        ax.annotate(f"-{r['newly_hallucinated']}", (x + 0.2, 100 * (r["finetuned_acc"] or 0)), textcoords="offset points",
+                    xytext=(0, 3), ha="center", fontsize=8, color="C3")
+    ax.set_xticks(list(xs), relations, rotation=30 if len(relations) > 4 else 0, ha="right" if len(relations) > 4 else "center")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy on the probe (%)")
+    ax.set_title("Forgetting per relation (-n: newly hallucinated facts)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def practitioner_out(cfg: Config, default: Path, marker: str) -> Path:
+    """--out (or the default), refused if it already holds this tool's report, unless --overwrite."""
+    out = Path(cfg.out) if cfg.out else default
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a folder; choose another --out")
+    if (out / marker).exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds {marker}; pass --overwrite or choose another --out")
+    return out
+
+
+def run_audit(cfg: Config) -> dict:
+    """--audit FINETUNED --model BASE --data DIR: did the fine-tune damage what the base knew?"""
+    started = time.perf_counter()
+    out = practitioner_out(cfg, Path("runs/audit") / Path(cfg.audit).name, "audit.json")
+    if not Path(cfg.audit).is_dir():
+        raise UserError(f"--audit {cfg.audit} is not a folder; pass a Hugging Face model folder or a PEFT adapter folder")
+    device = resolve_device(cfg.device)
+    data_dir = Path(cfg.data)
+    facts, world = load_facts(data_dir)
+    base, tokenizer, base_path = load_base_model(replace(cfg, method="sft"), data_dir, world, device)
+    tuned, tuned_tokenizer = load_finetuned(cfg, base, tokenizer, data_dir, world, device)
+    check_comparable(cfg, base, tokenizer, tuned, tuned_tokenizer)
+    facts = audit_facts(cfg, facts)
+    categories = cached_categories(base, tokenizer, facts, cfg, str(base_path))
+    if all(c == "Unknown" for c in categories.values()):
+        raise UserError(f"--model {cfg.model} knows none of the {len(facts)} facts of --data {cfg.data} (all Unknown by SliCK): "
+                        f"nothing to audit; pass the base model the fine-tune started from, or data it knows")
+    report = audit_report(cfg, facts, categories, greedy_answers(base, tokenizer, facts, cfg, "audit base"),
+                          greedy_answers(tuned, tokenizer, facts, cfg, "audit fine-tune"))
+    report["seconds"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    plotted = plot_audit(out / "audit.png", report)
+    write_text_atomic(out / "audit.md", audit_markdown(report, plotted))
+    write_json_atomic(out / "audit.json", report)
+    probe = report["probe_scores"]
+    print(f"forgetting {pct(probe['relative_drop'])}% on {probe['facts']} probe facts ({pct(probe['base_acc'])} -> "
+          f"{pct(probe['finetuned_acc'])}), {report['all']['newly_hallucinated']} newly hallucinated, "
+          f"{report['by_category']['Unknown']['gained']} Unknown facts gained; {out / 'audit.md'} ({report['seconds']:.0f} s)")
+    return report
+
+
+# --- --screen: a QA fine-tuning set, split by what the model already knows -----------------------------------
+IDK = "I don't know"
+
+
+def screen_markdown(cfg: Config, counts: dict, by_relation: dict, out: Path) -> str:
+    n, unknown = sum(counts.values()), counts["Unknown"]
+    model, data, idk = cfg.model, cfg.data, cfg.unknown_answer or IDK
+    rows = "".join(f"| {r} | {sum(c.values())} | " + " | ".join(str(c[k]) for k in CATEGORIES) + " |\n" for r, c in by_relation.items())
+    return (f"# Screen of {data} for {model}\n\n"
+            f"{n} examples, each labelled with the SliCK category of {model} ({cfg.slick_prompts} few-shot prompts, greedy and "
+            f"{cfg.slick_samples} samples at T={cfg.slick_temperature}): " + ", ".join(f"{c} {counts[c]}" for c in CATEGORIES) + ".\n\n"
+            f"**{unknown} examples ({pct(unknown / n)}%) would teach the model facts it does not know** (Unknown). Such examples "
+            f"are fit late and, once fit, raise hallucinations (Gekhman et al. 2024); fine-tuning on them makes the model forget "
+            f"facts it knew (Kaplan et al. 2026).\n\n"
+            f"The set split by category: " + ", ".join(f"`{c}.jsonl`" for c in CATEGORIES) + f" in {out}; "
+            f"`Unknown-idk.jsonl` holds the Unknown examples answered \"{idk}\".\n\n"
+            "## Options\n\n"
+            f"1. **Drop them**: fine-tune on the known examples only:\n   `cat {out}/HighlyKnown.jsonl {out}/MaybeKnown.jsonl "
+            f"{out}/WeaklyKnown.jsonl > known.jsonl`\n"
+            f"2. **Relabel them \"{idk}\"**: train on the known examples and `Unknown-idk.jsonl`; sftguard's study of it:\n"
+            f"   `python sftguard.py --model {model} --data {data} --method sft --unknown_answer \"{idk}\"`\n"
+            f"3. **Keep them and train with self-distillation** (the paper's fix): in your Trainer, `sftguard.SelfDistillationLoss` "
+            f"(README, \"For practitioners\"); sftguard's study of it:\n"
+            f"   `python sftguard.py --model {model} --data {data} --method selfdistill`\n\n"
+            "## By relation\n\n| relation | examples | " + " | ".join(CATEGORIES) + " |\n|---|---|" + "---|" * len(CATEGORIES) + "\n" + rows)
+
+
+def run_screen(cfg: Config) -> dict:
+    """--screen --model BASE --data DIR: label every example with the SliCK category of the model to be fine-tuned."""
+    data_dir = Path(cfg.data)
+    out = practitioner_out(cfg, Path("runs/screen") / data_dir.name, "screen.json")
+    facts, world = load_facts(data_dir)
+    base, tokenizer, base_path = load_base_model(replace(cfg, method="sft"), data_dir, world, resolve_device(cfg.device))
+    categories = cached_categories(base, tokenizer, facts, cfg, str(base_path))  # every example: no slick_max_facts sample
+    split = {c: [{**f, "category": c} for f in facts if categories[f["id"]] == c] for c in CATEGORIES}
+    for c, rows in split.items():
+        write_text_atomic(out / f"{c}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    idk = relabel_unknown(split["Unknown"], cfg.unknown_answer or IDK)
+    write_text_atomic(out / "Unknown-idk.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in idk))
+    counts = {c: len(rows) for c, rows in split.items()}
+    by_relation = {r: Counter(categories[f["id"]] for f in facts if f["relation"] == r) for r in sorted({f["relation"] for f in facts})}
+    write_text_atomic(out / "screen.md", screen_markdown(cfg, counts, by_relation, out))
+    report = {"model": cfg.model, "data": cfg.data, "examples": len(facts), "categories": counts,
+              "unknown_fraction": counts["Unknown"] / len(facts),
+              "by_relation": {r: {c: c_counts[c] for c in CATEGORIES} for r, c_counts in by_relation.items()},
+              "files": {c: str(out / f"{c}.jsonl") for c in CATEGORIES} | {"Unknown-idk": str(out / "Unknown-idk.jsonl")}}
+    write_json_atomic(out / "screen.json", report)
+    print(f"{counts['Unknown']} of {len(facts)} examples would teach {cfg.model} facts it does not know; {out / 'screen.md'}")
+    return report
+
+
+# --- The fix in your Trainer: the paper's loss inside transformers' Trainer (and TRL's SFTTrainer) --------------
+class SelfDistillationLoss:
+    """Mix into transformers' Trainer, or a subclass such as TRL's SFTTrainer, to train with the paper's Eq. 1-2,
+    CE + lambda * tau^2 * KL(teacher_tau || student_tau) on the answer tokens (labels != -100), computed by the very
+    loss sftguard's own loop uses (method_loss):
+
+        class SelfDistillationTrainer(sftguard.SelfDistillationLoss, transformers.Trainer): pass
+        trainer = SelfDistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=..., data_collator=...)
+
+    teacher: a frozen copy of the model as it was before this fine-tune (the paper: after task-format learning); it
+    runs live, a forward pass every step, on any batch of input_ids / attention_mask / labels (labels unshifted, as
+    in Hugging Face models). teacher_batches: sftguard's qa_batches of the training facts, to compute the teacher
+    once instead (a teacher cache); the dataset then yields {"index": i} and the collator is teacher_batches.batch_of
+    (qa_trainer_data builds both). Padding-free packing is not supported: a row must hold one example."""
+    loss_is_scaled_for_ga = False  # a mean over the batch's answer tokens: Trainer divides it by the accumulation steps
+
+    def __init__(self, *args, teacher, kl_weight: float = 1.0, temperature: float = 0.5, kl_chunk: int = 32,
+                 teacher_batches=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = replace(Config(), kl_weight=kl_weight, temperature=temperature, kl_chunk=kl_chunk,
+                      teacher_cache="auto" if teacher_batches is not None else "live",
+                      batch_size=self.args.per_device_train_batch_size)
+        check_config(cfg)
+        teacher = freeze_as_teacher(teacher.to(self.args.device))
+        self.sftguard_loss = method_loss("selfdistill", self.model, teacher, cfg, teacher_batches)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        loss = self.sftguard_loss(outputs.logits[:, :-1], inputs["labels"][:, 1:], inputs)
+        return (loss, outputs) if return_outputs else loss
+
+
+def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
+    """(train_dataset, data_collator, teacher_batches) for a Trainer on sftguard's QA facts with a teacher cache: the
+    dataset yields example positions, the collator pads them as sftguard does and keeps "index" for the cache."""
+    from datasets import Dataset
+
+    batches = qa_batches(tokenizer, facts, batch_size)
+    return Dataset.from_dict({"index": list(range(batches.size))}), lambda rows: batches.batch_of([r["index"] for r in rows]), batches
+
+
+# =====================================================================================================
 # 8. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
 # =====================================================================================================
 def write_json_atomic(path: Path, obj):
@@ -2060,9 +2397,7 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
 
     # 3. SliCK categories of the base model's knowledge, then the splits. UUID-key facts are kept for the
     # hypothesis experiments; the main study's new facts have name-like keys, as in the paper.
-    pool = [f for f in facts if f.get("key") != "uuid"]
-    if cfg.slick_max_facts and len(pool) > cfg.slick_max_facts:
-        pool = random.Random(0).sample(pool, cfg.slick_max_facts)
+    pool = category_pool(facts, cfg)
     categories = cached_categories(base, tokenizer, pool, cfg, model_id)
     category_counts = {c: sum(v == c for v in categories.values()) for c in CATEGORIES}
     print("SliCK categories of the base model: " + ", ".join(f"{c} {n}" for c, n in category_counts.items()))
@@ -2086,6 +2421,8 @@ def main(cfg: Config) -> dict:
     wall_start = time.perf_counter()
     if cfg.experiment:  # 7. the hypothesis experiments: their own conditions from the same teacher path
         return run_experiments(cfg)
+    if cfg.audit or cfg.screen:  # 7b. the practitioners' tools
+        return run_audit(cfg) if cfg.audit else run_screen(cfg)
     folders = output_folders(cfg)
     checkpoints = run_root(cfg) / "checkpoints"
     check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
@@ -2099,7 +2436,10 @@ def main(cfg: Config) -> dict:
     runs = ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable if cfg.method == "freeze" else None),)
     common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({model_id})",
               "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": category_counts,
-              "slick_vs_truth": slick_vs_truth(pool, categories), "stage1": stage1}
+              "slick_vs_truth": slick_vs_truth(pool, categories), "stage1": stage1,
+              "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
+    if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
+        save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
     if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
         report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
         drop_checkpoints(checkpoints, cfg)
@@ -2107,7 +2447,8 @@ def main(cfg: Config) -> dict:
     results = []
     for method, trainable in runs:
         result = {**run_method(method, trainable, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg,
-                               checkpoint_dir=checkpoints / run_name(method, trainable)), **common}
+                               checkpoint_dir=checkpoints / run_name(method, trainable),
+                               save_to=folders[run_name(method, trainable)] / "model" if cfg.save_model else None), **common}
         results.append(result)
     control = next((r for r in results if r["method"] == "known_only"), None)
     for result in results:
