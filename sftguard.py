@@ -553,11 +553,6 @@ def few_shot_prompt(fact: dict, exemplars: list[dict]) -> str:
 def categorize_facts(model, tokenizer, facts: list[dict], cfg: Config, rng: random.Random) -> dict[str, str]:
     """Ask the base model each fact with slick_prompts random few-shot prompts (exemplars: other facts of
     the same relation), once greedily and, where greedy never succeeds, slick_samples times at T."""
-    with model_precision(model, cfg).autocast():  # the base model is asked as it will be trained and evaluated
-        return categorize_facts_as_run(model, tokenizer, facts, cfg, rng)
-
-
-def categorize_facts_as_run(model, tokenizer, facts: list[dict], cfg: Config, rng: random.Random) -> dict[str, str]:
     by_relation = defaultdict(list)
     for f in facts:
         by_relation[f["relation"]].append(f)
