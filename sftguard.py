@@ -1598,6 +1598,7 @@ def run_experiments(cfg: Config) -> dict:
         if (root / f"{name}.json").exists() and not cfg.overwrite:
             raise UserError(f"{root / name}.json already exists; pass --overwrite or choose another --out")
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)
     if cfg.model or "capacity" not in names:  # a local model comes in one width
         widths = [cfg.n_embd]
     studies, new_facts, done = {}, {}, {}
@@ -2049,6 +2050,7 @@ def main(cfg: Config) -> dict:
     checkpoints = run_root(cfg) / "checkpoints"
     check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
 
     study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
     tokenizer, splits, eval_sets, teacher, teacher_scores, model_id, category_counts, pool, categories, stage1 = (study[k] for k in (
