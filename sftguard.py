@@ -1216,6 +1216,84 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
     return next_token_loss  # sft, freeze, known_only
 
 
+# --- The memory plan: what stage 2 will hold at its peak, against what the device has -------------------------
+@dataclass
+class MemoryPlan:
+    """Bytes at the peak of a stage-2 step (estimates: the tensors' sizes, activations by a per-block count)."""
+    weights: int  # the student, float32 master weights
+    gradients: int
+    optimizer: int  # AdamW: two float32 moments per trainable weight
+    teacher: int  # a live teacher's weights, the teacher cache, l2's anchor, a teacher left in the same memory
+    activations: int  # what the backward pass keeps, at the longest batch
+    logits: int  # answer tokens x vocabulary: the logits, their float32 log-probabilities and gradient
+    available: int  # the device's free memory plus what the teacher already holds there
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
+
+    def line(self) -> str:
+        gb = lambda x: f"{x / 2**30:.2f} GB" if x >= 2**30 else f"{x / 2**20:.1f} MB"  # noqa: E731
+        parts = ("weights", "gradients", "optimizer", "teacher", "activations", "logits")
+        return "memory plan: " + ", ".join(f"{k} {gb(getattr(self, k))}" for k in parts) + \
+            f" = {gb(self.total)} of {gb(self.available)} available"
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, or a CPU's MemAvailable (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("cannot read MemAvailable from /proc/meminfo to plan memory")
+
+
+def activation_bytes(model, tokens: int, cfg: Config, act_bytes: int) -> int:
+    """Per block and token the backward pass keeps ~10 hidden-wide and 4 MLP-wide tensors (norms, q/k/v, attention
+    output, residuals, MLP input/gate/up/product); with checkpointing, one hidden-wide input per block plus one block."""
+    c = model.config
+    d, layers = c.hidden_size, c.num_hidden_layers
+    mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+    block = tokens * (10 * d + 4 * mlp) * act_bytes
+    return tokens * d * act_bytes * layers + block if cfg.gradient_checkpointing else block * layers
+
+
+def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> MemoryPlan:
+    """The largest stage-2 run among `runs` ((method, trainable) pairs) at cfg.batch_size on `device`."""
+    n = count_params(teacher)
+    trainable = max(sum(p.numel() for name, p in teacher.named_parameters() if re.search(trainable_pattern(t), name))
+                    if m == "freeze" else n for m, t in runs)
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    vocab, d = teacher.get_output_embeddings().weight.shape
+    act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
+    examples = [batches.batch_of([i]) for i in range(batches.size)]
+    longest = max(e["input_ids"].shape[1] for e in examples)
+    answers = max(int((e["labels"][0, 1:] != -100).sum()) for e in examples) * cfg.batch_size
+    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
+    extra = [kept]
+    if any(m == "l2" for m, _ in runs):
+        extra.append(kept + trainable * 4)
+    if any(m == "selfdistill" for m, _ in runs):
+        mode = teacher_cache_mode(teacher, batches, cfg)
+        row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
+        extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
+    separable = output_layer_separable(teacher, batches)
+    logit_rows = answers if separable else longest * cfg.batch_size
+    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
+                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
+                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
+                      available=device_memory_bytes(device) + teacher_bytes)
+
+
+def check_memory_plan(plan: MemoryPlan):
+    print(plan.line())
+    if plan.total > 1.1 * plan.available:
+        raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
+                        f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
+                        f"extra), or use several GPUs")
+
+
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
                checkpoint_dir: Path | None = None) -> dict:
     """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
@@ -2061,6 +2139,9 @@ def main(cfg: Config) -> dict:
     common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({model_id})",
               "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": category_counts,
               "slick_vs_truth": slick_vs_truth(pool, categories), "stage1": stage1}
+    train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
+    check_memory_plan(memory_plan(teacher, qa_batches(tokenizer, train_facts, cfg.batch_size), ALL_RUNS if cfg.sweep else runs,
+                                  cfg, device))
     if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
         report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
         drop_checkpoints(checkpoints, cfg)
