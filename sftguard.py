@@ -838,19 +838,25 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
     device = next(teacher.parameters()).device
+    separable = output_layer_separable(teacher, batches)  # then the output layer runs on the answer tokens alone
     rows, ids, offsets = [], [], [0]
     for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
         batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"][:, 1:]
-        offsets += (offsets[-1] + (labels != -100).sum(1).cumsum(0)).tolist()
-        logits, hidden = teacher_forward_with_hidden(teacher, batch)
-        logits = logits[:, :-1]
+        answer = labels != -100
+        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
+        if separable:  # [N, d] and [N, V] at the answer tokens only
+            hidden = teacher_last_hidden(teacher, batch)[:, :-1][answer]
+            logits = teacher.get_output_embeddings()(hidden)
+        else:
+            logits, hidden = teacher_forward_with_hidden(teacher, batch)
+            logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
         if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
-            log_norm = (logits[labels != -100].float() / cfg.temperature).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([hidden[:, :-1][labels != -100].float(), log_norm], dim=-1))
+            log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
+            rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
             continue
-        log_p = teacher_answer_log_probs(logits, labels, cfg.temperature)
+        log_p = F.log_softmax(logits.float() / cfg.temperature, dim=-1)
         if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
