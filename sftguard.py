@@ -254,12 +254,15 @@ class Precision:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-        self.scaler.update()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        # Autocast keeps its low-precision copies of the weights until its outermost context ends: under a caller's
+        # context around train() the next forward pass would use the weights from before this step.
+        torch.clear_autocast_cache()
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

@@ -75,3 +75,19 @@ def test_a_precision_the_device_cannot_run_is_a_user_error(tmp_path, sftguard_cl
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: --precision fp16")
     with pytest.raises(S.UserError, match="--precision"):
         S.parse_config(["--precision", "fp8"])
+
+
+def test_training_inside_a_callers_autocast_context_trains_as_without_it(smoke_base):
+    # Autocast caches its bf16 copies of the weights until the outermost context ends: a caller's context around
+    # train() (as bench/run.py had) would run every step on the initial matmul weights unless train() clears it.
+    batches = S.qa_batches(smoke_base.tokenizer, [f for f in smoke_base.facts if f.get("key") != "uuid"][:16], 8)
+    cfg = replace(smoke_base.cfg, precision="bf16", warmup_frac=0.0)
+
+    def losses(outer):
+        model, seen = copy.deepcopy(smoke_base.model), []
+        S.set_trainable(model, "all")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=outer):
+            S.train(model, batches, lambda logits, targets, batch: seen.append(S.next_token_loss(logits, targets)) or seen[-1],
+                    epochs=3, lr=3e-3, cfg=cfg, desc="test")
+        return torch.stack(seen).detach()
+    torch.testing.assert_close(losses(outer=True), losses(outer=False), rtol=1e-3, atol=0)
