@@ -22,6 +22,7 @@ Read it top to bottom beside the paper; the sections follow its order:
     python sftguard.py --experiment all              # why SFT forgets: name-like vs UUID keys, width, cloning
 """
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -59,6 +60,8 @@ class Config:
     out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>"})
     model: str = field(default="", metadata={"help": "path to a local Hugging Face causal LM; empty: pretrain a small model on the synthetic world (cached)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16, or fp16 without bf16; CPU: fp32) | fp32 | bf16 | fp16 autocast; weights stay fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (HF): less memory, ~1/3 more compute"})
     cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
     resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (teacher, finished methods, last epoch); same flags needed"})
@@ -153,6 +156,7 @@ PRESETS = {
 }
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
 TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --method all: every method once from the same teacher; freeze twice, as in the paper's Table 1.
 ALL_RUNS = (("known_only", None), ("sft", None), ("selfdistill", None), ("freeze", "attn"), ("freeze", "mlp"), ("l2", None))
 
@@ -199,6 +203,8 @@ def check_config(cfg: Config):
         raise UserError(f"--epoch_checkpoints must be one of {', '.join(EPOCH_CHECKPOINTS)} and --epoch_checkpoint_max_mb >= 0")
     if cfg.teacher_cache not in TEACHER_CACHES:
         raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.teacher_topk < 1 or cfg.kl_chunk < 0:
         raise UserError("--teacher_topk must be >= 1 and --kl_chunk >= 0")
     if cfg.kl_chunk == 0 and cfg.teacher_cache != "live":
@@ -242,6 +248,52 @@ def resolve_device(name: str) -> torch.device:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
     return device
+
+
+@dataclass
+class Precision:
+    """Mixed precision: the weights and optimizer state stay float32 (master weights); the forward pass runs under
+    autocast in `dtype` (None: float32 throughout); fp16 also scales the loss (GradScaler), as its range needs."""
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: "torch.amp.GradScaler | None" = None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def backward_and_step(self, loss, optimizer, params, grad_clip: float):
+        """loss.backward(), gradient clipping, optimizer.step(); fp16 scales the loss and unscales before clipping."""
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        # Autocast keeps its low-precision copies of the weights until its outermost context ends: under a caller's
+        # context around train() the next forward pass would use the weights from before this step.
+        torch.clear_autocast_cache()
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """--precision on this device; one that the device cannot run is a UserError (fp16 on a CPU, bf16 on a GPU without)."""
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        name = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if name == "fp16" and not cuda:
+        raise UserError("--precision fp16 needs a CUDA GPU (CPU autocast is bf16 only); use --precision bf16 or fp32")
+    if name == "bf16" and not bf16_ok:
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp16 or fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(device.type, dtype, torch.amp.GradScaler("cuda") if name == "fp16" else None)
+
+
+def model_precision(model, cfg: Config) -> Precision:
+    return resolve_precision(cfg.precision, next(model.parameters()).device)
 
 
 # =====================================================================================================
@@ -357,8 +409,9 @@ def max_answer_tokens(tokenizer, facts: list[dict]) -> int:
 def greedy_answers(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> list[str]:
     """Each fact's question asked zero-shot, answered greedily (accuracy() and --audit score these)."""
     prompts = [QA_PROMPT.format(question=f["question"]) for f in facts]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
-                               batch_size=cfg.eval_batch_size, desc=desc)
+    with model_precision(model, cfg).autocast():  # evaluated as it trains
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_answer_tokens(tokenizer, facts),
+                                   batch_size=cfg.eval_batch_size, desc=desc)
     return [a[0] for a in answers]
 
 
@@ -609,23 +662,24 @@ def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None
 # =====================================================================================================
 # 4. Training: the losses, parameter-group freezing, and the one loop every stage and method uses
 # =====================================================================================================
-def next_token_loss(logits, labels, batch=None):
-    """Cross-entropy on the target tokens; -100 marks the prompt and padding, which are not targets (and are
-    dropped before the softmax: on QA pairs most positions are prompt, and each costs a vocabulary-wide row)."""
-    target = labels != -100
-    return F.cross_entropy(logits[target].float(), labels[target])
+# Every loss takes the logits of the target tokens only, [N, V], and their targets [N]: train() runs the output layer
+# on those positions alone (labels != -100 after the shift; the prompt and padding are no targets), so no
+# [batch, positions, vocabulary] tensor exists (see answer_logits).
+def next_token_loss(logits, targets, batch=None):
+    """Cross-entropy of the target tokens: logits [N, V], targets [N]."""
+    return F.cross_entropy(logits.float(), targets)
 
 
-def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: float, temperature: float):
+def self_distillation_loss(student_logits, teacher_logits, targets, kl_weight: float, temperature: float):
     """Eq. 1-2:  L = CE(y, p_student) + lambda * tau^2 * KL(p_teacher^tau || p_student^tau)
 
     Forward KL from the frozen teacher to the student, both softened at temperature tau, summed over the
     vocabulary and averaged over answer tokens. The tau^2 keeps the KL gradient on the scale of the CE
-    gradient as tau changes (Hinton et al. 2015). Returns (loss, kl)."""
-    answer = labels != -100
-    ce = F.cross_entropy(student_logits[answer].float(), labels[answer])
-    log_p_teacher = F.log_softmax(teacher_logits[answer].detach().float() / temperature, dim=-1)  # a fixed target
-    log_p_student = F.log_softmax(student_logits[answer].float() / temperature, dim=-1)
+    gradient as tau changes (Hinton et al. 2015). Logits of the N answer tokens [N, V], targets y [N].
+    Returns (loss, kl)."""
+    ce = F.cross_entropy(student_logits.float(), targets)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # [N, V], a fixed target
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
     return ce + kl_weight * temperature**2 * kl, kl
 
@@ -639,23 +693,21 @@ def self_distillation_loss(student_logits, teacher_logits, labels, kl_weight: fl
 # log-probabilities are one matmul with its output layer away) or as log-probabilities. A live teacher, too, runs
 # its output layer on the answer tokens alone where the model allows (output_layer_separable).
 # tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
-def self_distillation_loss_chunked(student_logits, teacher_rows, labels, kl_weight: float, temperature: float,
+def self_distillation_loss_chunked(student_logits, teacher_rows, targets, kl_weight: float, temperature: float,
                                    chunk: int, teacher_ids=None, teacher_head=None):
-    """Eq. 1-2 as in self_distillation_loss, with the teacher given one row per answer token in the order of
-    labels != -100 (row-major), as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at
-    tau, or with teacher_head (an output layer) hidden states, with or without log-normalisers.
-    Returns (loss, kl)."""
-    answer = labels != -100
-    if int(answer.sum()) != len(teacher_rows):
-        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {int(answer.sum())} answer tokens: "
+    """Eq. 1-2 as in self_distillation_loss (student_logits [N, V], targets [N]), with the teacher given one row per
+    answer token, as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at tau, or with
+    teacher_head (an output layer) hidden states, with or without log-normalisers. Returns (loss, kl)."""
+    if len(targets) != len(teacher_rows):
+        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(targets)} answer tokens: "
                            f"the teacher cache was built for other examples than this batch")
-    return ChunkedSelfDistillation.apply(student_logits, answer.nonzero(as_tuple=True), labels[answer], teacher_rows,
-                                         teacher_ids, teacher_head, kl_weight, temperature, chunk)
+    return ChunkedSelfDistillation.apply(student_logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight,
+                                         temperature, chunk)
 
 
 class ChunkedSelfDistillation(torch.autograd.Function):
-    """(CE + kl_weight * tau^2 * KL, KL) over the N answer tokens at `answer` (batch indices, positions), `chunk` rows
-    at a time, each gathered from the logits only then, with the gradient computed in the forward pass:
+    """(CE + kl_weight * tau^2 * KL, KL) over the N answer tokens (logits [N, V], targets [N]), `chunk` rows at a time,
+    each taken to float32 only then, with the gradient computed in the forward pass:
         d loss / d logits = [softmax(z) - onehot(y) + kl_weight * tau * (p_student^tau - q)] / N.
 
     q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
@@ -667,14 +719,14 @@ class ChunkedSelfDistillation(torch.autograd.Function):
     output is for logging: it carries no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, answer, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float,
-                temperature: float, chunk: int):
+    def forward(ctx, logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float, temperature: float,
+                chunk: int):
         n = max(len(targets), 1)
         grad = torch.empty(len(targets), logits.shape[-1], device=logits.device)  # d loss / d answer-token logits
         ce, kl = torch.zeros((), device=logits.device), torch.zeros((), device=logits.device)
         for start in range(0, len(targets), chunk):  # each line below is one or two passes over a [chunk, V] block
             rows = slice(start, start + chunk)
-            z, y = logits[answer[0][rows], answer[1][rows]].float(), targets[rows]
+            z, y = logits[rows].float(), targets[rows]
             picked = (torch.arange(len(y), device=y.device), y)  # each row's target token
             log_p_tau = F.log_softmax(z / temperature, dim=-1)
             log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows)
@@ -687,18 +739,16 @@ class ChunkedSelfDistillation(torch.autograd.Function):
             torch.sub(z, (log_sum_exp + math.log(n))[:, None], out=grad[rows]).exp_()
             grad[rows].add_(log_p_tau.exp_().sub_(q), alpha=kl_weight * temperature / n)
             grad[rows][picked] -= 1 / n
-        ctx.save_for_backward(grad, *answer)
-        ctx.logits_shape, ctx.dtype = logits.shape, logits.dtype
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
         kl = kl / n
         ctx.mark_non_differentiable(kl)
         return ce / n + kl_weight * temperature**2 * kl, kl
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kl):
-        grad, *answer = ctx.saved_tensors
-        grad_logits = torch.zeros(ctx.logits_shape, dtype=ctx.dtype, device=grad.device)  # prompt, padding: no gradient
-        grad_logits[tuple(answer)] = (grad * grad_loss).to(ctx.dtype)
-        return grad_logits, None, None, None, None, None, None, None, None
+        grad, = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None, None, None
 
 
 def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
@@ -769,13 +819,14 @@ def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> 
     rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact; with from_base_model, also
     whether the base model alone returns that hidden state (so a live teacher may stop there)."""
     head = teacher.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or not hasattr(batches, "batch_of"):
+    if not isinstance(head, torch.nn.Linear) or batches is None:  # no example to check on: the plain path
         return False
     if from_base_model and teacher.base_model is teacher:
         return False
     teacher.eval()
     device = head.weight.device
-    batch = {k: v.to(device) for k, v in batches.batch_of([0]).items()}
+    first = batches.batch_of([0]) if hasattr(batches, "batch_of") else next(iter(batches(torch.Generator().manual_seed(0))))
+    batch = {k: v[:1].to(device) for k, v in first.items()}
     logits, hidden = teacher_forward_with_hidden(teacher, batch)
     same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
                                                                      logits.float(), rtol=1e-4, atol=1e-4)
@@ -809,19 +860,25 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
     device = next(teacher.parameters()).device
+    separable = output_layer_separable(teacher, batches)  # then the output layer runs on the answer tokens alone
     rows, ids, offsets = [], [], [0]
     for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
         batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"][:, 1:]
-        offsets += (offsets[-1] + (labels != -100).sum(1).cumsum(0)).tolist()
-        logits, hidden = teacher_forward_with_hidden(teacher, batch)
-        logits = logits[:, :-1]
+        answer = labels != -100
+        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
+        if separable:  # [N, d] and [N, V] at the answer tokens only
+            hidden = teacher_last_hidden(teacher, batch)[:, :-1][answer]
+            logits = teacher.get_output_embeddings()(hidden)
+        else:
+            logits, hidden = teacher_forward_with_hidden(teacher, batch)
+            logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
         if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
-            log_norm = (logits[labels != -100].float() / cfg.temperature).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([hidden[:, :-1][labels != -100].float(), log_norm], dim=-1))
+            log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
+            rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
             continue
-        log_p = teacher_answer_log_probs(logits, labels, cfg.temperature)
+        log_p = F.log_softmax(logits.float() / cfg.temperature, dim=-1)
         if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
@@ -995,18 +1052,38 @@ def qa_batches(tokenizer, facts: list[dict], batch_size: int):
     return epoch
 
 
+def answer_logits(model, batch, separable: bool):
+    """(logits [N, V], targets [N]) of the N target tokens (labels != -100 after the shift). separable: the model's
+    logits are its output layer on its base model's last hidden states (output_layer_separable), so the output layer
+    runs on the target positions alone and no [batch, positions, vocabulary] tensor exists; else the full forward."""
+    labels = batch["labels"][:, 1:]
+    target = labels != -100
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if separable:
+        hidden = model.base_model(**inputs)[0][:, :-1]
+        return model.get_output_embeddings()(hidden[target]), labels[target]
+    return model(**inputs).logits[:, :-1][target], labels[target]
+
+
 def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc: str, weight_decay: float = 0.0,
           on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None,
           save_every_epoch: bool = True) -> dict:
-    """The one training loop: AdamW, warm-up then cosine, clipping, a NaN guard, tokens/s.
+    """The one training loop: AdamW on float32 master weights under cfg.precision's autocast, warm-up then cosine,
+    clipping, a NaN guard, tokens/s.
 
-    batches(generator) yields one epoch of batches; loss_fn(logits, labels, batch) is the method's loss
-    on shifted logits/labels; on_epoch_end(epoch) may return True to stop early. With checkpoint_dir, training
-    continues after the checkpoint found there (--resume) and, if save_every_epoch, the state after each epoch
-    replaces it (with checkpoint_extra(), a JSON-able dict of the caller's)."""
+    batches(generator) yields one epoch of batches; loss_fn(logits, targets, batch) is the method's loss on the
+    target tokens' logits [N, V] and targets [N] (answer_logits); on_epoch_end(epoch) may return True to stop early.
+    With checkpoint_dir, training continues after the checkpoint found there (--resume) and, if save_every_epoch, the
+    state after each epoch replaces it (with checkpoint_extra(), a JSON-able dict of the caller's)."""
     device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    model.float()  # master weights and AdamW state in float32 whatever the checkpoint's dtype (bf16 updates round to 0)
+    separable = output_layer_separable(model, batches)  # checked once, on the first example
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    # fused: one kernel per step, without the parameter-sized temporaries of the for-each implementation
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = getattr(batches, "steps", None) or sum(1 for _ in batches(torch.Generator().manual_seed(seed)))
     total, warmup = epochs * steps_per_epoch, max(1, int(cfg.warmup_frac * epochs * steps_per_epoch))
@@ -1026,15 +1103,14 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
                 lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+            with precision.autocast():
+                logits, targets = answer_logits(model, batch, separable)
+                loss = loss_fn(logits, targets, batch)
             if not torch.isfinite(loss):
                 bar.close()  # so that the message starts a line of its own
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}, step {step}; "
                                          f"lower the learning rate (--lr / --stage1_lr / --pretrain_lr)")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            precision.backward_and_step(loss, optimizer, params, cfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += int(batch["attention_mask"].sum())
@@ -1054,6 +1130,8 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
         if stop:
             break
     bar.close()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9)}
 
@@ -1221,20 +1299,37 @@ def freeze_as_teacher(model):
     return model
 
 
+@contextlib.contextmanager
+def teacher_off_device(teacher, loss_fn):
+    """While a loss that does not read the teacher trains (a cached teacher, sft, l2, ...), the teacher waits in CPU
+    memory and comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
+    device = next(teacher.parameters()).device
+    away = device.type != "cpu" and not getattr(loss_fn, "needs_teacher", False)
+    if away:
+        teacher.to("cpu")
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        if away:
+            teacher.to(device)
+
+
 # =====================================================================================================
 # 6. Stage 2: factual SFT on D_known + D_unknown; a method changes the loss and what trains, nothing else
 # =====================================================================================================
 def method_loss(method: str, student, teacher, cfg: Config, batches=None):
-    """The loss of each method, on shifted logits and labels. batches: the qa_batches the loss will see (a cached
-    teacher is computed on them, once)."""
+    """The loss of each method, on the answer tokens' logits [N, V] and targets [N] (answer_logits). batches: the
+    qa_batches the loss will see (a cached teacher is computed on them, once)."""
     if method == "selfdistill":
         mode = teacher_cache_mode(teacher, batches, cfg)
         if mode != "live":  # the teacher's answer tokens, once; the loss holds them, not the teacher
-            cache = build_teacher_cache(teacher, batches, cfg, mode)
+            with model_precision(teacher, cfg).autocast():  # as a live teacher would run inside train()
+                cache = build_teacher_cache(teacher, batches, cfg, mode)
 
-            def cached_loss_fn(logits, labels, batch):
+            def cached_loss_fn(logits, targets, batch):
                 teacher_rows, teacher_ids = cached_teacher_rows(cache, batch["index"])
-                return self_distillation_loss_chunked(logits, teacher_rows, labels, cfg.kl_weight, cfg.temperature,
+                return self_distillation_loss_chunked(logits, teacher_rows, targets, cfg.kl_weight, cfg.temperature,
                                                       cfg.kl_chunk, teacher_ids, cache["head"])[0]
             return cached_loss_fn
 
@@ -1244,24 +1339,104 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
         head = teacher.get_output_embeddings()
         head_at_tau = (head.weight.detach(), None if head.bias is None else head.bias.detach() / cfg.temperature)
 
-        def loss_fn(logits, labels, batch):
+        def loss_fn(logits, targets, batch):
+            labels = batch["labels"][:, 1:]
             with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
                 if answer_only_head:
                     hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float() / cfg.temperature
                 else:
                     teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             if answer_only_head:
-                return self_distillation_loss_chunked(logits, hidden, labels, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
+                return self_distillation_loss_chunked(logits, hidden, targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
                                                       teacher_head=head_at_tau)[0]
             if cfg.kl_chunk == 0:  # Eq. 1-2 as written
-                return self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)[0]
+                return self_distillation_loss(logits, teacher_logits[labels != -100], targets, cfg.kl_weight, cfg.temperature)[0]
             return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
-                                                  labels, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
+                                                  targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
+        loss_fn.needs_teacher = True  # the others leave the teacher out of the device's memory during training
         return loss_fn
     if method == "l2":
         anchor = [p.detach().clone() for p in trainable_parameters(student)]
-        return lambda logits, labels, batch: next_token_loss(logits, labels) + cfg.l2_weight * l2_pull(student, anchor)
+        return lambda logits, targets, batch: next_token_loss(logits, targets) + cfg.l2_weight * l2_pull(student, anchor)
     return next_token_loss  # sft, freeze, known_only
+
+
+# --- The memory plan: what stage 2 will hold at its peak, against what the device has -------------------------
+@dataclass
+class MemoryPlan:
+    """Bytes at the peak of a stage-2 step (estimates: the tensors' sizes, activations by a per-block count)."""
+    weights: int  # the student, float32 master weights
+    gradients: int
+    optimizer: int  # AdamW: two float32 moments per trainable weight
+    teacher: int  # a live teacher's weights, the teacher cache, l2's anchor, a teacher left in the same memory
+    activations: int  # what the backward pass keeps, at the longest batch
+    logits: int  # answer tokens x vocabulary: the logits, their float32 log-probabilities and gradient
+    available: int  # the device's free memory plus what the teacher already holds there
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
+
+    def line(self) -> str:
+        gb = lambda x: f"{x / 2**30:.2f} GB" if x >= 2**30 else f"{x / 2**20:.1f} MB"  # noqa: E731
+        parts = ("weights", "gradients", "optimizer", "teacher", "activations", "logits")
+        return "memory plan: " + ", ".join(f"{k} {gb(getattr(self, k))}" for k in parts) + \
+            f" = {gb(self.total)} of {gb(self.available)} available"
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, or a CPU's MemAvailable (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("cannot read MemAvailable from /proc/meminfo to plan memory")
+
+
+def activation_bytes(model, tokens: int, cfg: Config, act_bytes: int) -> int:
+    """Per block and token the backward pass keeps ~10 hidden-wide and 4 MLP-wide tensors (norms, q/k/v, attention
+    output, residuals, MLP input/gate/up/product); with checkpointing, one hidden-wide input per block plus one block."""
+    c = model.config
+    d, layers = c.hidden_size, c.num_hidden_layers
+    mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+    block = tokens * (10 * d + 4 * mlp) * act_bytes
+    return tokens * d * act_bytes * layers + block if cfg.gradient_checkpointing else block * layers
+
+
+def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> MemoryPlan:
+    """The largest stage-2 run among `runs` ((method, trainable) pairs) at cfg.batch_size on `device`."""
+    n = count_params(teacher)
+    trainable = max(sum(teacher.get_parameter(name).numel() for name in chosen_parameter_names(teacher, t))
+                    if m == "freeze" else n for m, t in runs)
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    vocab, d = teacher.get_output_embeddings().weight.shape
+    act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
+    examples = [batches.batch_of([i]) for i in range(batches.size)]
+    longest = max(e["input_ids"].shape[1] for e in examples)
+    answers = max(int((e["labels"][0, 1:] != -100).sum()) for e in examples) * cfg.batch_size
+    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
+    extra = [kept]
+    if any(m == "l2" for m, _ in runs):
+        extra.append(kept + trainable * 4)
+    if any(m == "selfdistill" for m, _ in runs):
+        mode = teacher_cache_mode(teacher, batches, cfg)
+        row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
+        extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
+    separable = output_layer_separable(teacher, batches)
+    logit_rows = answers if separable else longest * cfg.batch_size
+    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
+                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
+                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
+                      available=device_memory_bytes(device) + teacher_bytes)
+
+
+def check_memory_plan(plan: MemoryPlan):
+    print(plan.line())
+    if plan.total > 1.1 * plan.available:
+        raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
+                        f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
+                        f"extra), or use several GPUs")
 
 
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
@@ -1291,9 +1466,11 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
     if checkpoint_dir is not None and not every_epoch and cfg.epoch_checkpoints == "auto":
         tqdm.write(f"{run_name(method, trainable)}: no epoch checkpoints ({epoch_checkpoint_bytes(student) / 1e9:.3g} GB each, over "
                    f"--epoch_checkpoint_max_mb); a killed run restarts this method from the teacher")
-    stats = train(student, batches, method_loss(method, student, teacher, cfg, batches),
-                  epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable), on_epoch_end=record, seed=cfg.seed,
-                  checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve}, save_every_epoch=every_epoch)
+    loss_fn = method_loss(method, student, teacher, cfg, batches)
+    with teacher_off_device(teacher, loss_fn):
+        stats = train(student, batches, loss_fn, epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable),
+                      on_epoch_end=record, seed=cfg.seed, checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve},
+                      save_every_epoch=every_epoch)
     final = {k: v for k, v in curve[-1].items() if k != "epoch"}
     result = {"method": method, "trainable": trainable if method == "freeze" else None,
               "trainable_params": count_params(student, trainable_only=True), "teacher": teacher_scores, "final": final,
@@ -1521,10 +1698,11 @@ def kl_gradient_probe(student, teacher, cfg: Config, log: dict, every: int = 4):
     anchor = [p.detach().clone() for p in params]
     steps = [0]
 
-    def loss_fn(logits, labels, batch):
+    def loss_fn(logits, targets, batch):
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        loss, kl = self_distillation_loss(logits, teacher_logits, labels, cfg.kl_weight, cfg.temperature)
+        answer = batch["labels"][:, 1:] != -100
+        loss, kl = self_distillation_loss(logits, teacher_logits[answer], targets, cfg.kl_weight, cfg.temperature)
         steps[0] += 1
         if (steps[0] - 1) % every:
             return loss
@@ -1532,6 +1710,7 @@ def kl_gradient_probe(student, teacher, cfg: Config, log: dict, every: int = 4):
         log["kl_grad_norm"].append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
         log["distance"].append(math.sqrt(sum(float(((p.detach() - a).double() ** 2).sum()) for p, a in zip(params, anchor))))
         return loss
+    loss_fn.needs_teacher = True
     return loss_fn
 
 
@@ -1579,7 +1758,8 @@ def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, 
     else:
         loss_fn = method_loss(method, student, teacher, replace(cfg, l2_weight=cfg.l2_weight if l2_weight is None else l2_weight), batches)
     key = new_facts[0]["key"] if new_facts else "none"
-    train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study['width']}", on_epoch_end=record, seed=cfg.seed)
+    with teacher_off_device(teacher, loss_fn):
+        train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study['width']}", on_epoch_end=record, seed=cfg.seed)
     final = curve[-1]
     tqdm.write(f"  {method:<11} {key:<4} n={len(new_facts):<5} width={study['width']:<4} epochs={final['epoch']}: "
                f"new {final['new_acc']:.3f}  held {final['held_acc']:.3f}  drift {final['drift']:.4f}")
@@ -1655,6 +1835,7 @@ def run_experiments(cfg: Config) -> dict:
         if (root / f"{name}.json").exists() and not cfg.overwrite:
             raise UserError(f"{root / name}.json already exists; pass --overwrite or choose another --out")
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)
     if cfg.model or "capacity" not in names:  # a local model comes in one width
         widths = [cfg.n_embd]
     studies, new_facts, done = {}, {}, {}
@@ -2195,11 +2376,15 @@ class SelfDistillationLoss:
         check_config(cfg)
         teacher = freeze_as_teacher(teacher.to(self.args.device))
         self.sftguard_loss = method_loss("selfdistill", self.model, teacher, cfg, teacher_batches)
+        self.sftguard_separable = None  # whether the output layer may run on the answer tokens alone (answer_logits)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        loss = self.sftguard_loss(outputs.logits[:, :-1], inputs["labels"][:, 1:], inputs)
-        return (loss, outputs) if return_outputs else loss
+        if self.sftguard_separable is None:  # checked once, on the first batch, as train() does
+            self.sftguard_separable = output_layer_separable(model, lambda generator: iter([inputs]))
+            model.train()
+        logits, targets = answer_logits(model, inputs, self.sftguard_separable)  # [N, V], [N]: the answer tokens only
+        loss = self.sftguard_loss(logits, targets, inputs)
+        return (loss, {"logits": logits}) if return_outputs else loss
 
 
 def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
@@ -2427,6 +2612,7 @@ def main(cfg: Config) -> dict:
     checkpoints = run_root(cfg) / "checkpoints"
     check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
 
     study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
     tokenizer, splits, eval_sets, teacher, teacher_scores, model_id, category_counts, pool, categories, stage1 = (study[k] for k in (
@@ -2440,6 +2626,9 @@ def main(cfg: Config) -> dict:
               "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
     if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
         save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
+    train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
+    check_memory_plan(memory_plan(teacher, qa_batches(tokenizer, train_facts, cfg.batch_size), ALL_RUNS if cfg.sweep else runs,
+                                  cfg, device))
     if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
         report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
         drop_checkpoints(checkpoints, cfg)

@@ -41,6 +41,7 @@ SIZES = {
     "s": dict(n_layer=4, n_embd=128, n_head=4),
     "m": dict(n_layer=8, n_embd=256, n_head=8),
     "s-v32k": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=32000),
+    "s-v150k": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=150000),  # Qwen2.5's 151k vocabulary
     "l": dict(n_layer=12, n_embd=768, n_head=12),
     "xl": dict(n_layer=24, n_embd=1024, n_head=16),
 }
@@ -59,6 +60,7 @@ METHODS = {
     "trl-gkd-default": (None, []),  # TRL's default, gradient checkpointing on: less memory, more compute
 }
 QUICK_SKIPS = ("selfdistill-plain", "selfdistill-fp32", "selfdistill-bf16", "selfdistill-topk", "trl-gkd-default")
+TODAY = "bd34de9"  # the code before issue 16 (full [batch, positions, vocabulary] logits), measured beside the new one
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 
 
@@ -82,19 +84,42 @@ def prepare(cache: Path, n_facts: int) -> dict:
     return {"data": str(data), "tokenizer": str(tok_dir), "facts": facts}
 
 
+def program(spec: dict):
+    """The sftguard module a row measures: this checkout's, or today's (TODAY, extracted by main into a temporary
+    folder) loaded under its own name in this row's process."""
+    if spec.get("code", "new") == "new":
+        import sftguard
+        return sftguard
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("sftguard_today", spec["today_path"])
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["sftguard_today"] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def extract_today(folder: Path) -> str:
+    import subprocess
+
+    path = folder / "sftguard.py"
+    path.write_text(subprocess.run(["git", "show", f"{TODAY}:sftguard.py"], cwd=REPO, check=True, capture_output=True, text=True).stdout)
+    return str(path)
+
+
 def build(spec: dict):
     """sftguard's config, the tokenizer, a frozen teacher of the given size and its trainable copy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import sftguard
-
+    sftguard = program(spec)
     torch.set_num_threads(spec["threads"])
     method, flags = METHODS[spec["method"]] if spec["method"] in METHODS else ("sft", [])
     size = SIZES[spec["size"]]
+    precision = ["--precision", spec.get("precision", "auto")] if spec.get("code", "new") == "new" else []  # TODAY had none
     cfg = sftguard.parse_config(["--preset", "default", "--method", method or "selfdistill", "--device", spec["device"],
                                  "--batch_size", str(spec["batch_size"]), "--n_layer", str(size["n_layer"]),
-                                 "--n_embd", str(size["n_embd"]), "--n_head", str(size["n_head"]), *flags])
+                                 "--n_embd", str(size["n_embd"]), "--n_head", str(size["n_head"]), *precision, *flags])
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     torch.manual_seed(0)
     model_config = sftguard.make_model_config(cfg, tokenizer)
@@ -159,10 +184,11 @@ def peak_memory_above(device: str, baseline: int) -> int:
     return peak_memory(device) - proc_status_bytes("RssFile") - proc_status_bytes("RssShmem") - baseline
 
 
-def start_measured_repeat(device: str):
-    """Memory process, after its warm-up repeat: hand back what was freed and count the peak from here."""
+def start_measured_repeat(device: str) -> int:
+    """Memory process, after its warm-up repeat: hand back what was freed and count the peak from here; returns what
+    the process holds then (weights, optimizer state, a teacher or its cache: no gradients, no activations)."""
     release_freed_memory()
-    reset_peak_memory(device)
+    return reset_peak_memory(device)
 
 
 def release_freed_memory():
@@ -191,16 +217,20 @@ def proc_status_bytes(field: str) -> int:
 def train_worker(spec: dict) -> dict:
     """Time sftguard.train with the method's loss: one warm-up repeat, then spec["repeats"] timed repeats; or, with
     spec["phase"] == "memory", one warm-up repeat and one repeat whose peak memory is measured."""
+    import contextlib
+
     import torch
 
-    import sftguard
-
+    sftguard = program(spec)
     memory_phase = begin_worker(spec)
     base_mem = reset_peak_memory(spec["device"])
     cfg, tokenizer, teacher, student = build(spec)
     batches = sftguard.qa_batches(tokenizer, spec["facts"], spec["batch_size"])
     method = METHODS[spec["method"]][0]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec["device"].startswith("cuda"))
+    # The new code sets up its precision itself (cfg.precision: sftguard.Precision in train and method_loss); TODAY
+    # had no such set-up, and its bf16 rows run it under the autocast its bench used (fp32 weights).
+    today_bf16 = spec.get("code", "new") != "new" and spec["precision"] == "bf16"
+    autocast = torch.autocast(spec["device"].split(":")[0], dtype=torch.bfloat16) if today_bf16 else contextlib.nullcontext()
     started = time.perf_counter()
     with autocast:
         loss_fn = sftguard.method_loss(method, student, teacher, cfg, batches)  # a cached teacher is built here
@@ -226,10 +256,12 @@ def train_worker(spec: dict) -> dict:
 
     repeats = 1 if memory_phase else spec["repeats"]
 
+    state_mem = []
+
     def epoch_end(epoch):  # epoch 1 is the warm-up, then the timed repeats or the one measured for memory
         ends.append(time.perf_counter())
         if memory_phase and epoch == 1:
-            start_measured_repeat(spec["device"])
+            state_mem.append(start_measured_repeat(spec["device"]))  # weights, optimizer state, teacher or cache
 
     ends.append(time.perf_counter())
     with autocast:
@@ -238,6 +270,9 @@ def train_worker(spec: dict) -> dict:
     seconds = [ends[epoch] - ends[epoch - 1] for epoch in range(2, 2 + repeats)]
     row = measured_row(spec, seconds, tokens[1:1 + repeats], student, base_mem, extra_forward=live_teacher)
     row.update(cache_s=cache_s, cache_bytes=cache_bytes, teacher_cache=cfg.teacher_cache if method == "selfdistill" else None)
+    if state_mem:  # what a step allocates beyond the weights, gradients and optimizer state (and teacher or cache)
+        grad_bytes = sum(p.numel() * 4 for p in sftguard.trainable_parameters(student))
+        row["step_alloc_bytes"] = peak_memory_above(spec["device"], state_mem[0]) - grad_bytes
     return row
 
 
@@ -336,9 +371,9 @@ def generation_worker(spec: dict) -> dict:
 
 
 def measured_row(spec: dict, seconds: list[float], tokens: list[int], model, base_mem: int, extra_forward: bool) -> dict:
-    import sftguard
+    sftguard = program(spec)
 
-    return {"method": spec["method"], "model": spec["size"], "model_params": sftguard.count_params(model),
+    return {"method": spec["method"], "code": spec.get("code", "new"), "precision": spec.get("precision", "auto"), "model": spec["size"], "model_params": sftguard.count_params(model),
             "batch_size": spec["batch_size"], "device": spec["device"], "threads": spec["threads"],
             "peak_mem_bytes": peak_memory(spec["device"]), "peak_mem_delta_bytes": peak_memory_above(spec["device"], base_mem),
             "steps_per_repeat": spec["steps"], "repeat_s": seconds, "repeat_tokens": tokens,
@@ -352,6 +387,7 @@ def merge_rounds(runs: list[dict], memory: dict, peak_flops: float) -> dict:
         return next(r for r in [*runs, memory] if "error" in r)
     row = {**runs[0], "repeat_s": [s for r in runs for s in r["repeat_s"]], "repeat_tokens": [t for r in runs for t in r["repeat_tokens"]],
            "peak_mem_bytes": memory["peak_mem_bytes"], "peak_mem_delta_bytes": memory["peak_mem_delta_bytes"],
+           "step_alloc_bytes": memory.get("step_alloc_bytes"),
            "peak_mem_timing_bytes": max(r["peak_mem_bytes"] for r in runs)}  # with the build and a cache's construction
     steps, seconds, tokens = row["steps_per_repeat"], row["repeat_s"], row["repeat_tokens"]
     row.update(rounds=len(runs), repeats=len(seconds), batch=f"{row['batch_size']}x{round(statistics.mean(tokens) / steps / row['batch_size'])}",
@@ -373,7 +409,8 @@ def run_isolated(worker, spec: dict) -> dict:
         row = {"error": "the process died"}
     process.join()
     if "error" in row:
-        row.update(method=spec["method"], model=spec["size"], batch_size=spec.get("batch_size"), exit_code=process.exitcode)
+        row.update(method=spec["method"], code=spec.get("code", "new"), precision=spec.get("precision"), model=spec["size"],
+                   batch_size=spec.get("batch_size"), exit_code=process.exitcode)
     return row
 
 
@@ -395,7 +432,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     """The issue's targets, per model size and batch shape."""
     out = []
     for key in sorted({(r["model"], r["batch_size"]) for r in rows if "error" not in r}):
-        by = {r["method"]: r for r in rows if (r.get("model"), r.get("batch_size")) == key and "error" not in r}
+        by = {r["method"]: r for r in rows if (r.get("model"), r.get("batch_size")) == key and "error" not in r
+              and r.get("code", "new") == "new" and r.get("precision") == rows[0].get("precision")}
 
         def ratio(a, b, field):
             return by[a][field] / by[b][field] if a in by and b in by else None
@@ -414,25 +452,52 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def today_ratios(rows: list[dict]) -> list[dict]:
+    """Issue 16's targets, new code / TODAY's, per method, model size, batch size and precision: peak memory at batch
+    64 <= 0.5, the memory a step allocates beyond weights, gradients and optimizer state <= 0.3, tokens/s >= 1."""
+    ok = [r for r in rows if "error" not in r]
+    out = []
+    for new in (r for r in ok if r.get("code") == "new"):
+        today = next((r for r in ok if r.get("code") == "today" and all(r[k] == new[k] for k in ("method", "model", "batch_size", "precision"))), None)
+        if today is None:
+            continue
+        checks = [("peak mem", "peak_mem_bytes", "<=", 0.5 if new["batch_size"] >= 64 else None),
+                  ("step memory beyond weights, grads, optimizer", "step_alloc_bytes", "<=", 0.3), ("tokens/s", "tokens_per_s", ">=", 1.0)]
+        for name, key, op, target in checks:
+            value = new[key] / today[key] if new.get(key) and today.get(key) else None
+            met = None if value is None or target is None else (value >= target if op == ">=" else value <= target)
+            out.append({"method": new["method"], "model": new["model"], "batch_size": new["batch_size"], "precision": new["precision"],
+                        "ratio": f"new / today {name}", "value": value, "target": f"{op} {target}" if target else "", "met": met})
+    return out
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# sftguard bench ({meta['device_name']}, {meta['threads']} threads, {meta['when']})", "",
              f"`{meta['command']}`", "",
-             f"| method | model | params | batch (B x mean T) | tokens/s | step ms | {'max allocated' if meta['device'].startswith('cuda') else 'peak RSS'} MB "
-             "| peak above start MB | teacher cache MB (build s) |"
+             f"| method | code | precision | model | params | batch (B x mean T) | tokens/s | step ms | {'max allocated' if meta['device'].startswith('cuda') else 'peak RSS'} MB "
+             "| peak above start MB | step beyond weights+grads+optimizer MB | teacher cache MB (build s) |"
              + (" MFU |" if meta["peak_flops"] else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if meta["peak_flops"] else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if meta["peak_flops"] else "")]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r.get('model', '')} | | {r.get('batch_size', '')} | not run: {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | {r.get('code', '')} | {r.get('precision', '')} | {r.get('model', '')} | | {r.get('batch_size', '')} "
+                         f"| not run: {r['error']} | | | | | |")
             continue
         cache = f"{mb(r['cache_bytes'])} ({r['cache_s']:.2f})" if r.get("cache_s") is not None else "–"
-        lines.append(f"| {r['method']} | {r['model']} | {r['model_params'] / 1e6:.2f}M | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_ms']:.1f} | {mb(r['peak_mem_bytes'])} | {mb(r['peak_mem_delta_bytes'])} | {cache} |"
+        lines.append(f"| {r['method']} | {r.get('code', 'new')} | {r.get('precision', '')} | {r['model']} | {r['model_params'] / 1e6:.2f}M | {r['batch']} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {mb(r['peak_mem_bytes'])} | {mb(r['peak_mem_delta_bytes'])} | "
+                     f"{mb(r.get('step_alloc_bytes'))} | {cache} |"
                      + (f" {100 * r['mfu']:.1f}% |" if meta["peak_flops"] else ""))
     lines += ["", "| ratio | model | batch size | value | target | met |", "|---|---|---|---|---|---|"]
     lines += [f"| {c['ratio']} | {c['model']} | {c['batch_size']} | {c['value']:.2f} | {c['target']} | {'yes' if c['met'] else 'no'} |"
               for c in result["ratios"]]
+    if result.get("today_ratios"):
+        lines += ["", f"| new / today ({meta.get('today')}) | method | model | batch size | precision | value | target | met |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['ratio']} | {c['method']} | {c['model']} | {c['batch_size']} | {c['precision']} | "
+                  f"{'–' if c['value'] is None else format(c['value'], '.2f')} | {c['target']} | {'' if c['met'] is None else 'yes' if c['met'] else 'no'} |"
+                  for c in result["today_ratios"]]
     if result["generation"]:  # none with --no_generation
         lines += ["", "| generation | model | params | eval questions/s | SliCK facts/s | peak mem MB |", "|---|---|---|---|---|---|"]
     for g in result["generation"]:
@@ -464,6 +529,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and TRL's model) first")
     p.add_argument("--peak_flops", type=float, default=0, help="peak FLOP/s for MFU; default: known bf16 peak of the GPU, none on CPU")
     p.add_argument("--no_generation", action="store_true", help="skip the generation throughput")
+    p.add_argument("--codes", default="new", help=f"comma-joined: new (this checkout) and/or today (git {TODAY}, before issue 16), side by side")
+    p.add_argument("--precisions", default="", help="comma-joined sftguard --precision values (fp32, bf16); default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--bf16_methods", default="", help="with bf16 in --precisions: only these methods get bf16 rows (default all)")
     p.add_argument("--cpu_mmap_threshold", type=int, default=MMAP_THRESHOLD,
                    help="CPU: glibc mmap threshold in bytes, fixed so that peak RSS follows live tensors; 0 = glibc's default")
     return p.parse_args(argv)
@@ -502,12 +570,18 @@ def main(argv=None):
               "mmap_threshold": args.cpu_mmap_threshold}
     # Rounds go over every configuration in turn, so a change in the machine's load touches all methods alike.
     # Peak memory comes from one more process per configuration (after the rounds: memory does not depend on load).
-    configs = list(itertools.product(sizes, batch_sizes, methods))
+    codes, precisions = args.codes.split(","), (args.precisions or ("bf16" if cuda else "fp32")).split(",")
+    bf16_methods = args.bf16_methods.split(",") if args.bf16_methods else methods
+    configs = [(size, b, m, code, prec) for size, b, m in itertools.product(sizes, batch_sizes, methods) for code in codes
+               for prec in precisions if not (code != "new" and m.startswith("trl")) and (prec != "bf16" or m in bf16_methods)]
+    if "today" in codes:
+        common["today_path"] = extract_today(Path(tempfile.mkdtemp(prefix="sftguard-today-")))
     runs, memory = {config: [] for config in configs}, {}
     for round_no, config in [*itertools.product(range(1, rounds + 1), configs), *(("memory", c) for c in configs)]:
-        size, batch_size, method = config
-        spec = {**common, "size": size, "batch_size": batch_size, "method": method,
+        size, batch_size, method, code, precision = config
+        spec = {**common, "size": size, "batch_size": batch_size, "method": method, "code": code, "precision": precision,
                 "phase": "memory" if round_no == "memory" else "time"}
+        method = f"{method} [{code} {precision}]"
         row = run_isolated(trl_worker if method.startswith("trl-gkd") else train_worker, spec)
         if round_no == "memory":
             memory[config] = row
@@ -531,10 +605,10 @@ def main(argv=None):
                        "device": device, "device_name": device_name, "threads": args.threads, "torch": torch.__version__,
                        "sizes": {s: SIZES[s] for s in sizes}, "facts": len(setup["facts"]), "steps_per_repeat": steps,
                        "repeats": repeats, "rounds": rounds, "compile": args.compile, "peak_flops": peak_flops or None,
-                       "cpu_mmap_threshold": None if cuda else args.cpu_mmap_threshold,
+                       "cpu_mmap_threshold": None if cuda else args.cpu_mmap_threshold, "today": TODAY if "today" in codes else None,
                        "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M"),
                        "wall_s": time.perf_counter() - wall},
-              "rows": rows, "ratios": ratios(rows), "generation": generation}
+              "rows": rows, "ratios": ratios(rows), "today_ratios": today_ratios(rows), "generation": generation}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -28,8 +28,7 @@ def epoch_loss_and_grad(student, teacher, batches, cfg):
     student.zero_grad()
     total = 0.0
     for batch in batches(torch.Generator().manual_seed(1)):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+        loss = loss_fn(*S.answer_logits(student, batch, separable=False), batch)
         loss.backward()
         total += loss.item()
     return total, torch.cat([p.grad.flatten() for p in student.parameters()])

@@ -66,8 +66,15 @@ TEACHER = [[[0.0, 1.5, -0.5, 0.2], [3.0, 0.2, 0.0, -1.0], [-1.0, 2.0, 0.5, 0.0]]
 LABELS = [[-100, 2, 0], [1, 3, -100]]
 
 
+def at_answers(logits, labels):
+    """The logits [N, V] of the answer tokens (labels != -100) and their targets [N], as train() gives the losses."""
+    labels = torch.as_tensor(labels)
+    return torch.as_tensor(logits)[labels != -100], labels[labels != -100]
+
+
 def sd_loss(student=STUDENT, teacher=TEACHER, labels=LABELS, lam=1.0, tau=0.5):
-    return S.self_distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), lam, tau)
+    student_rows, targets = at_answers(student, labels)
+    return S.self_distillation_loss(student_rows, at_answers(teacher, labels)[0], targets, lam, tau)
 
 
 @pytest.mark.parametrize("lam, tau", [(1.0, 0.5), (1.0, 1.0), (3.0, 2.0), (0.25, 0.7)])
@@ -90,7 +97,7 @@ def test_self_distillation_is_forward_kl_from_teacher_to_student():
 
 
 def test_self_distillation_tau_squared_factor():
-    ce = S.next_token_loss(torch.tensor(STUDENT), torch.tensor(LABELS)).item()
+    ce = S.next_token_loss(*at_answers(STUDENT, LABELS)).item()
     for tau in (0.5, 2.0):
         loss, kl_value = sd_loss(lam=1.0, tau=tau)
         _, _, hand_kl = hand_loss(STUDENT, TEACHER, LABELS, 1.0, tau)
@@ -102,29 +109,41 @@ def test_self_distillation_zero_weight_is_cross_entropy():
     loss, _ = sd_loss(lam=0.0, tau=0.5)
     _, hand_ce, _ = hand_loss(STUDENT, TEACHER, LABELS, 0.0, 0.5)
     assert loss.item() == pytest.approx(hand_ce, rel=1e-6)
-    assert loss.item() == pytest.approx(S.next_token_loss(torch.tensor(STUDENT), torch.tensor(LABELS)).item(), rel=1e-6)
-
-
-def test_self_distillation_ignores_prompt_and_padding_positions():
-    loss, _ = sd_loss()
-    student, teacher = copy.deepcopy(STUDENT), copy.deepcopy(TEACHER)
-    for b, t in ((0, 0), (1, 2)):  # the -100 positions
-        student[b][t] = [9.0, -9.0, 4.0, 0.0]
-        teacher[b][t] = [-7.0, 0.0, 0.0, 8.0]
-    assert torch.equal(sd_loss(student, teacher)[0], loss)
-    student[0][1][3] += 1.0  # an answer position does count
-    assert not torch.equal(sd_loss(student, teacher)[0], loss)
+    assert loss.item() == pytest.approx(S.next_token_loss(*at_answers(STUDENT, LABELS)).item(), rel=1e-6)
 
 
 def test_self_distillation_gradient_reaches_the_student_only():
-    student = torch.tensor(STUDENT, requires_grad=True)
-    teacher = torch.tensor(TEACHER, requires_grad=True)
-    loss, _ = S.self_distillation_loss(student, teacher, torch.tensor(LABELS), 1.0, 0.5)
+    student = at_answers(STUDENT, LABELS)[0].requires_grad_(True)
+    teacher = at_answers(TEACHER, LABELS)[0].requires_grad_(True)
+    loss, _ = S.self_distillation_loss(student, teacher, at_answers(STUDENT, LABELS)[1], 1.0, 0.5)
     loss.backward()
     assert teacher.grad is None
-    answer = torch.tensor(LABELS) != -100
-    assert (student.grad[answer].abs().sum(-1) > 0).all()
-    assert (student.grad[~answer] == 0).all()
+    assert (student.grad.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_logits_are_the_full_forward_at_the_targets(arch):
+    # train()'s output layer on the target positions alone gives the rows of the full forward pass there, and so do
+    # the gradients; a model whose logits are not its output layer on its last hidden state takes the full forward.
+    model = tiny_model(arch)
+    batch = next(random_batches(model.config.vocab_size)(torch.Generator().manual_seed(0)))
+    batch["attention_mask"][1, -2:] = 0  # padding (its labels stay: every target counts here)
+    assert S.output_layer_separable(model, random_batches(model.config.vocab_size))
+    fast, targets = S.answer_logits(model, batch, separable=True)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    want_targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    assert fast.shape == (len(want_targets), model.config.vocab_size) and torch.equal(targets, want_targets)
+    torch.testing.assert_close(fast, full[batch["labels"][:, 1:] != -100], rtol=1e-5, atol=1e-5)
+    grads = []
+    for separable in (True, False):
+        model.zero_grad()
+        S.next_token_loss(*S.answer_logits(model, batch, separable)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    capped = tiny_model(arch)
+    capped.register_forward_hook(lambda module, args, output: setattr(output, "logits", 3 * torch.tanh(output.logits)))
+    assert not S.output_layer_separable(capped, random_batches(model.config.vocab_size))
 
 
 # =====================================================================================================
@@ -256,7 +275,8 @@ def test_training_frees_a_steps_logits_before_the_next_forward():
     # tensor to every step's peak memory (36 MB at batch 16 with a 32k vocabulary, far more for a real LLM).
     model = tiny_model("llama")
     seen, alive_at_forward = [], []
-    model.register_forward_pre_hook(lambda module, args: alive_at_forward.append(any(ref() is not None for ref in seen)))
+    model.base_model.register_forward_pre_hook(  # train() runs the base model, then the output layer at the targets
+        lambda module, args: alive_at_forward.append(any(ref() is not None for ref in seen)) if module.training else None)
 
     def loss_fn(logits, labels, batch):
         seen.append(weakref.ref(logits))
@@ -316,9 +336,8 @@ def test_selfdistill_method_loss_leaves_the_teacher_alone(smoke_base, teacher_ca
     batch = batches.batch_of([3, 1, 4, 15, 9, 2, 6, 5])
 
     def loss_and_ce():
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        return loss_fn(logits, labels, batch), S.next_token_loss(logits, labels).item()
+        logits, targets = S.answer_logits(student, batch, separable=False)
+        return loss_fn(logits, targets, batch), S.next_token_loss(logits, targets).item()
 
     loss, ce = loss_and_ce()  # a student equal to its teacher: KL 0, the loss is the cross-entropy
     assert loss.item() == pytest.approx(ce, abs=1e-5)
@@ -335,7 +354,7 @@ def test_l2_pull_by_hand():
     student = tiny_model("gpt2")
     S.set_trainable(student, "all")
     loss_fn = S.method_loss("l2", student, None, S.Config(l2_weight=2.0))
-    logits, labels = torch.randn(1, 3, 48), torch.tensor([[-100, 4, 5]])
+    logits, labels = torch.randn(2, 48), torch.tensor([4, 5])
     assert loss_fn(logits, labels, None).item() == pytest.approx(S.next_token_loss(logits, labels).item(), abs=1e-6)
     with torch.no_grad():
         student.transformer.wte.weight[:3, :4] += 0.1  # 12 entries moved by 0.1: pull = 12 * 0.01

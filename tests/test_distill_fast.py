@@ -15,7 +15,8 @@ import sftguard as S  # noqa: E402
 
 
 def random_batch(batch=5, positions=9, vocab=300, seed=0, scale=3.0):
-    """Student and teacher logits; labels with a prompt, right padding of different lengths, one row without answer."""
+    """Student and teacher logits of the answer tokens [N, V] and their targets [N], as train() gives them the losses,
+    from a batch with a prompt, right padding of different lengths and one row without answer."""
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(batch, positions, vocab, generator=g) * scale
     teacher = torch.randn(batch, positions, vocab, generator=g) * scale
@@ -24,11 +25,13 @@ def random_batch(batch=5, positions=9, vocab=300, seed=0, scale=3.0):
     labels[0, 7:] = -100  # padding
     labels[3, 5:] = -100
     labels[4, :] = -100  # a row with no answer token at all
-    return student, teacher, labels
+    answer = labels != -100
+    return student[answer], teacher[answer], labels[answer]
 
 
 def teacher_rows(teacher_logits, labels, temperature):
-    return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
+    """log p_teacher^tau of the answer tokens: of [N, V] logits, or of [batch, positions, V] ones at labels != -100."""
+    return F.log_softmax((teacher_logits if labels.dim() == 1 else teacher_logits[labels != -100]).float() / temperature, dim=-1)
 
 
 def topk_rows(log_p, k):
@@ -54,7 +57,6 @@ def test_chunked_kl_equals_plain_loss_and_gradient(temperature, chunk):
     assert fast[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
     assert fast[1].item() == pytest.approx(ref[1].item(), rel=1e-5)
     assert torch.allclose(fast[2], ref[2], atol=1e-7, rtol=1e-4)
-    assert fast[2][labels == -100].abs().max() == 0  # prompt and padding positions get no gradient
 
 
 def test_chunked_loss_keeps_one_full_vocabulary_tensor_for_backward():
@@ -62,18 +64,14 @@ def test_chunked_loss_keeps_one_full_vocabulary_tensor_for_backward():
     plain cross-entropy keeps its log-probabilities."""
     student, teacher, labels = random_batch(vocab=500)
     log_p_teacher = teacher_rows(teacher, labels, 0.5)
-    answer = labels != -100
-    answer_logits = student[answer]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        S.ChunkedSelfDistillation.apply(student.clone().requires_grad_(True), answer.nonzero(as_tuple=True),
-                                        labels[answer], log_p_teacher, None, None, 1.0, 0.5, 4)
-    assert [t.shape for t in saved if t.shape[-1] == 500] == [answer_logits.shape]
-    assert all(t.dim() == 1 for t in saved if t.shape[-1] != 500)  # and the answer tokens' indices
+        S.ChunkedSelfDistillation.apply(student.clone().requires_grad_(True), labels, log_p_teacher, None, None, 1.0, 0.5, 4)
+    assert [t.shape for t in saved] == [student.shape]  # the gradient, nothing else
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        S.self_distillation_loss(student.requires_grad_(True), teacher, labels, 1.0, 0.5)
-    assert sum(t.numel() for t in saved if t.dim() and t.shape[-1] == 500) >= 3 * answer_logits.numel()
+        S.self_distillation_loss(student.clone().requires_grad_(True), teacher, labels, 1.0, 0.5)
+    assert sum(t.numel() for t in saved if t.dim() and t.shape[-1] == 500) >= 3 * student.numel()
 
 
 def test_chunked_loss_gradient_follows_the_outer_gradient_and_dtype():
@@ -104,16 +102,16 @@ def test_topk_with_every_token_is_the_full_kl():
 def test_topk_gradient_is_that_of_the_kl_over_k_plus_one_bins(k):
     """The hand-written gradient (p_student - q) / tau equals autograd's on KL over (top-k tokens, tail)."""
     student, teacher, labels = random_batch(vocab=50)
-    tau, answer = 0.5, labels != -100
+    tau = 0.5
     top, ids = topk_rows(teacher_rows(teacher, labels, tau), k)
     fast = loss_and_grad(S.self_distillation_loss_chunked, student, top, labels, 1.0, tau, 3, ids)
 
     def bins(student_logits, labels, kl_weight, temperature):
-        log_q = F.log_softmax(student_logits[answer] / temperature, -1)
+        log_q = F.log_softmax(student_logits / temperature, -1)
         log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
         kl = ((top[:, :-1].exp() * (top[:, :-1] - log_q.gather(-1, ids))).sum(-1)
               + top[:, -1].exp() * (top[:, -1] - log_q_tail)).mean()
-        return F.cross_entropy(student_logits[answer], labels[answer]) + kl_weight * temperature**2 * kl, kl
+        return F.cross_entropy(student_logits, labels) + kl_weight * temperature**2 * kl, kl
     ref = loss_and_grad(bins, student, labels, 1.0, tau)
     assert fast[1].item() == pytest.approx(ref[1].item(), rel=1e-5)
     assert torch.allclose(fast[2], ref[2], atol=1e-7, rtol=1e-4)
@@ -171,8 +169,7 @@ def epoch_losses_and_grads(student, teacher, batches, cfg):
     student.zero_grad()
     losses = []
     for batch in batches(torch.Generator().manual_seed(3)):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+        loss = loss_fn(*S.answer_logits(student, batch, separable=False), batch)
         loss.backward()
         losses.append(loss.item())
     return torch.tensor(losses), torch.cat([p.grad.flatten() for p in student.parameters()])
@@ -249,22 +246,23 @@ def test_live_teacher_runs_its_output_layer_on_answer_tokens_only(models):
         loss_fn = S.method_loss("selfdistill", student, teacher, live, batches)
         calls.clear()  # the setup's checks run it on one example
         batch = batches.batch_of([0, 1, 2, 3])
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        loss = loss_fn(logits, batch["labels"][:, 1:], batch)
+        logits, targets = S.answer_logits(student, batch, separable=False)
+        loss = loss_fn(logits, targets, batch)
     finally:
         hook.remove()
     assert calls == []
     with torch.no_grad():
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    plain = S.self_distillation_loss(logits, teacher_logits, batch["labels"][:, 1:], cfg.kl_weight, 0.7)[0]
+    answer = batch["labels"][:, 1:] != -100
+    plain = S.self_distillation_loss(logits, teacher_logits[answer], targets, cfg.kl_weight, 0.7)[0]
     assert torch.allclose(loss, plain, rtol=1e-5)
     scaled = scaled_logits(copy.deepcopy(teacher))
     assert not S.output_layer_separable(scaled, batches)
     loss_fn = S.method_loss("selfdistill", student, scaled, live, batches)
     with torch.no_grad():
         scaled_teacher_logits = scaled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    plain = S.self_distillation_loss(logits, scaled_teacher_logits, batch["labels"][:, 1:], cfg.kl_weight, 0.7)[0]
-    assert torch.allclose(loss_fn(logits, batch["labels"][:, 1:], batch), plain, rtol=1e-5)
+    plain = S.self_distillation_loss(logits, scaled_teacher_logits[answer], targets, cfg.kl_weight, 0.7)[0]
+    assert torch.allclose(loss_fn(logits, targets, batch), plain, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["hidden", "fp32"])
@@ -277,12 +275,12 @@ def test_cached_loss_does_not_hold_the_teacher(models, mode):
     loss_fn = S.method_loss("selfdistill", student, teacher, replace(cfg, teacher_cache=mode), batches)
     assert not any(c.cell_contents is teacher for c in loss_fn.__closure__)
     batch = batches.batch_of([0, 1, 2])
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    before = loss_fn(logits, batch["labels"][:, 1:], batch).item()
+    logits, targets = S.answer_logits(student, batch, separable=True)
+    before = loss_fn(logits, targets, batch).item()
     with torch.no_grad():
         for p in teacher.parameters():
             p.mul_(3.0)
-    assert loss_fn(logits, batch["labels"][:, 1:], batch).item() == before
+    assert loss_fn(logits, targets, batch).item() == before
 
 
 @pytest.mark.parametrize("flags", [["--teacher_cache", "fp16"], ["--kl_chunk", "-1"], ["--kl_chunk", "0"], ["--teacher_topk", "0"]])

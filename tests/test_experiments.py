@@ -108,11 +108,12 @@ def test_matched_l2_weight_makes_the_l2_gradient_as_large_as_the_kl_gradient(smo
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     batch = next(S.qa_batches(tok, held_facts(smoke_base, 8), 8)(torch.Generator().manual_seed(0)))
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    loss = probe_loss(logits, batch["labels"][:, 1:], batch)
+    logits, targets = S.answer_logits(student, batch, separable=True)
+    loss = probe_loss(logits, targets, batch)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    expected, _ = S.self_distillation_loss(logits, teacher_logits, batch["labels"][:, 1:], cfg.kl_weight, cfg.temperature)
+    teacher_logits = teacher_logits[batch["labels"][:, 1:] != -100]
+    expected, _ = S.self_distillation_loss(logits, teacher_logits, targets, cfg.kl_weight, cfg.temperature)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # the probe trains exactly as self-distillation does
     (g,), (d,) = log["kl_grad_norm"], log["distance"]
     assert g > 0 and d == pytest.approx(math.sqrt(sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(S.trainable_parameters(student), anchor))), rel=1e-6)
