@@ -1988,7 +1988,7 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
     """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
     data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
     if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
-        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --out {cfg.data}` (synthetic) "
+        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
                         f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
     if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
         print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")

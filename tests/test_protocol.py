@@ -226,7 +226,7 @@ def one_error_line(capsys, argv) -> str:
 def test_explicit_data_folder_that_does_not_exist_is_an_error(smoke_dirs, tmp_path, capsys):
     missing = tmp_path / "entityquestoins"  # a typo
     error = one_error_line(capsys, smoke_args(smoke_dirs, tmp_path, "--data", str(missing)))
-    assert f"--data {missing} does not exist" in error and f"python data_prep.py --out {missing}" in error
+    assert f"--data {missing} does not exist" in error and f"python data_prep.py --preset smoke --out {missing}" in error and "--source entityquestions" in error
     assert not missing.exists() and not (tmp_path / "out").exists()
 
 
