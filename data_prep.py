@@ -15,7 +15,6 @@ import re
 import shutil
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -246,7 +245,7 @@ def read_entityquestions(cfg):
         if rel not in templates or not isinstance(templates[rel], str) or templates[rel].count("[X]") != 1:
             raise DataError(f"relation {rel} has no template with one [X] in {tpath}; add it or leave {rel} out of --eq_relations")
 
-    facts, per_relation, per_split = [], {}, {s: 0 for s in splits}
+    facts, per_relation, per_split, by_relation = [], {}, {s: 0 for s in splits}, {}
     n_read = n_mismatch = n_merged = 0
     for rel in tqdm(wanted, desc="EntityQuestions relations"):
         pre, post = templates[rel].split("[X]")
@@ -275,23 +274,48 @@ def read_entityquestions(cfg):
                 by_question[item["question"]] = {
                     "relation": rel, "subject": m.group(1).strip(), "question": item["question"], "answers": list(item["answers"]),
                     "key": "real", "in_pretraining": None, "qa_in_pretraining": None}
-        rel_facts = list(by_question.values())
-        if not rel_facts:
+        by_relation[rel] = list(by_question.values())
+        if not by_relation[rel]:
             raise DataError(f"relation {rel} has no question matching its template {templates[rel]!r}; fix the template or leave {rel} out")
+    by_relation, n_conflicting, n_repeated = _one_fact_per_question(by_relation)
+    for rel, rel_facts in by_relation.items():
+        if not rel_facts:
+            raise DataError(f"relation {rel} has no facts left once questions other relations ask with other answers are "
+                            f"dropped; leave {rel} or those relations out of --eq_relations")
         if 0 < cfg.eq_max_per_relation < len(rel_facts):
-            # One generator per relation, so choosing other relations does not change this sample.
+            # One generator per relation, so choosing other relations does not change this sample (unless they share questions).
             keep = sorted(random.Random(f"{cfg.seed}:eq:{rel}").sample(range(len(rel_facts)), cfg.eq_max_per_relation))
             rel_facts = [rel_facts[i] for i in keep]
         per_relation[rel] = len(rel_facts)
         facts += rel_facts
     facts = [{"id": f"f{i:06d}", **f} for i, f in enumerate(facts)]
     relations = {rel: {"question": templates[rel], "statements": []} for rel in wanted}
-    # P131 and P276 share the template "Where is [X] located?": the same question can be two facts.
-    shared = sum(n > 1 for n in Counter(f["question"] for f in facts).values())
     counts = {"facts": len(facts), "relations": len(wanted), "items_read": n_read, "per_relation": per_relation,
               "per_split_before_sampling": per_split, "skipped_template_mismatch": n_mismatch,
-              "merged_duplicate_questions": n_merged, "questions_in_several_relations": shared}
+              "merged_duplicate_questions": n_merged, "dropped_conflicting_questions": n_conflicting,
+              "dropped_repeats_in_other_relations": n_repeated}
     return facts, relations, counts
+
+
+def _one_fact_per_question(by_relation):
+    """P131 and P276 share the template "Where is [X] located?", so one question can be asked by two relations. With
+    other answers it has no one right answer: every copy is dropped. With the same answers, the first relation keeps it.
+    Returns (by_relation, conflicting questions dropped, repeats dropped)."""
+    answer_sets = {}  # question -> the answer set of each relation that asks it
+    for rel_facts in by_relation.values():
+        for f in rel_facts:
+            answer_sets.setdefault(f["question"], []).append(frozenset(f["answers"]))
+    conflicting = {q for q, sets in answer_sets.items() if len(set(sets)) > 1}
+    n_repeated, seen, kept = 0, set(), {}
+    for rel, rel_facts in by_relation.items():
+        kept[rel] = []
+        for f in rel_facts:
+            if f["question"] in seen:
+                n_repeated += f["question"] not in conflicting
+            elif f["question"] not in conflicting:
+                kept[rel].append(f)
+            seen.add(f["question"])
+    return kept, len(conflicting), n_repeated
 
 
 # ---------------------------------------------------------------- writing the folder

@@ -69,6 +69,7 @@ class Config:
     epoch_checkpoints: str = field(default="auto", metadata={"help": "per-epoch student checkpoints (weights + AdamW state): auto (when <= epoch_checkpoint_max_mb) | always | never"})
     epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "auto: the largest epoch checkpoint written (7B: ~85 GB); else --resume restarts the method from the teacher"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
+    allow_pickle: bool = field(default=False, metadata={"help": "let --model load pickled weights (pytorch_model.bin) when it has no safetensors"})
 
     # --- 3. SliCK knowledge categories (Gekhman et al. 2024: 10 prompts x (1 greedy + 16 samples), 4-shot)
     slick_prompts: int = field(default=4, metadata={"help": "random few-shot prompts per fact (paper: 10)"})
@@ -385,25 +386,37 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     sampling = num_samples > 0
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, num_return_sequences=max(1, num_samples),
                                   temperature=temperature if sampling else None, top_k=top_k if sampling else None,
-                                  top_p=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
+                                  top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[str]] = [[] for _ in prompts]
     per_prompt = max(1, num_samples)
     batch_size = max(1, batch_size // per_prompt)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, generation_config=gen_config)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for j, i in enumerate(idx):
-            answers[i] = [t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]]
+    # generate() fills every field left unset from model.generation_config, i.e. the checkpoint's generation_config.json
+    # (top_p, repetition or n-gram penalties, forced / suppressed / bad tokens, min_length, ...). An empty one in its
+    # place leaves only transformers' neutral defaults: the answers follow the protocol whatever the checkpoint ships.
+    shipped, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, generation_config=gen_config)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                answers[i] = [t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]]
+    finally:
+        model.generation_config = shipped
     return answers
 
 
+MAX_ANSWER_TOKENS = 48  # EntityQuestions' longest alias is 88 characters: 48 tokens hold it even at 2 characters a token
+
+
 def max_answer_tokens(tokenizer, facts: list[dict]) -> int:
-    longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for f in facts for a in f["answers"][:1])
-    return min(32, longest + 2)
+    """New tokens to generate: enough for every alias (a model may answer with any of them), plus the stop token."""
+    aliases = [" " + a for f in facts for a in f["answers"]]  # " " + a: as many tokens as in context, or one more
+    longest = max(map(len, tokenizer(aliases, add_special_tokens=False)["input_ids"]))
+    return min(MAX_ANSWER_TOKENS, longest + 2)
 
 
 def greedy_answers(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval") -> list[str]:
@@ -444,8 +457,11 @@ def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.devi
         if config.is_encoder_decoder or (architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
             raise UserError(f"--model {cfg.model} is a {', '.join(architectures) or config.model_type}, not a causal LM; "
                             f"pass a decoder-only model such as GPT-2, Llama or Qwen2")
-        try:  # weights: safetensors when present; transformers reads a .bin only with torch.load(weights_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, **remote)
+        if not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin")) and not cfg.allow_pickle:
+            raise UserError(f"--model {cfg.model} has only pickled weights (pytorch_model*.bin), which unpickling can run code from; "
+                            f"convert them to safetensors or pass --allow_pickle if you trust them")
+        try:  # weights: safetensors only, unless asked; transformers reads a .bin with torch.load(weights_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if cfg.allow_pickle else True, **remote)
         except (ValueError, OSError) as e:
             raise UserError(f"--model {cfg.model} could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
         try:
@@ -600,10 +616,34 @@ def categorize_facts(model, tokenizer, facts: list[dict], cfg: Config, rng: rand
     return {f["id"]: slick_category(greedy_ok[i], sampled_ok[i]) for i, f in enumerate(facts)}
 
 
-def cached_categories(model, tokenizer, facts, cfg: Config, model_id: str) -> dict[str, str]:
-    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting)."""
-    spec = json.dumps([model_id, [f["id"] for f in facts], cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples,
-                       cfg.slick_temperature, cfg.slick_top_k], sort_keys=True)
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """sha256 of a file's bytes, remembered under its path, size, mtime, ctime and inode, so that a multi-GB weight file
+    is read once per version. Every write or rename sets ctime, which cannot be set back: a rewrite is always seen."""
+    st = path.stat()
+    stamp = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    memo = cache_dir / "file-sha256" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    write_text_atomic(memo, digest)
+    return digest
+
+
+def model_fingerprint(folder: Path, cache_dir: Path) -> str:
+    """The content of a model folder: config, tokenizer and weight files (not the docs), whatever its path."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
+    return hashlib.sha256(json.dumps([[p.name, file_sha256(p, cache_dir)] for p in files]).encode()).hexdigest()
+
+
+def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) -> dict[str, str]:
+    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting), each
+    keyed by content: the model folder's files and the dtype / device it runs in, the facts' text, the settings."""
+    spec = json.dumps({"model": model_fingerprint(model_path, Path(cfg.cache_dir)),
+                       "runs_on": [str(model.dtype), model.device.type],
+                       "facts": [[f[k] for k in ("id", "relation", "subject", "question", "answers")] for f in facts],
+                       "slick": [cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples, cfg.slick_temperature, cfg.slick_top_k,
+                                 cfg.eval_batch_size]})  # the batch decides which random numbers each prompt's samples get
     path = Path(cfg.cache_dir) / f"slick-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -613,24 +653,41 @@ def cached_categories(model, tokenizer, facts, cfg: Config, model_id: str) -> di
     return categories
 
 
+def subjects_named_nowhere_else(by_subject: dict[str, list[dict]]) -> set[str]:
+    """The subjects that may be held out: no other subject's fact has it as its subject or answer, and none of its
+    answers is another subject (answers shared with other facts, e.g. one country, are allowed: they are the values).
+    Whatever role the other subjects get, no held-out fact then shares an entity with a trained one (EntityQuestions:
+    "Paris" is asked about in one relation and the answer of another)."""
+    as_subject, as_answer = defaultdict(set), defaultdict(set)  # normalised text -> the subjects whose facts hold it
+    for subject, subject_facts in by_subject.items():
+        as_subject[normalize_answer(subject)].add(subject)
+        for a in {a for f in subject_facts for a in f["answers"]}:
+            as_answer[normalize_answer(a)].add(subject)
+    return {subject for subject, subject_facts in by_subject.items()
+            if as_subject[normalize_answer(subject)] | as_answer[normalize_answer(subject)] <= {subject}
+            and all(as_subject[normalize_answer(a)] <= {subject} for f in subject_facts for a in f["answers"])}
+
+
 def split_facts(facts: list[dict], categories: dict[str, str], cfg: Config, rng: random.Random) -> dict[str, list[dict]]:
     """D_held: HighlyKnown facts of entities never trained on; D_val: Known facts of other untrained
     entities (stops stage 1); D_known / D_unknown: Known / Unknown facts of the training entities.
 
-    Entities, not facts, are assigned to roles, so no held-out entity appears in training."""
+    Entities, not facts, are assigned to roles, so no held-out entity appears in training, not even as another
+    fact's answer (subjects_named_nowhere_else)."""
     by_subject = defaultdict(list)
     for f in facts:
         if f["id"] in categories:
             by_subject[f["subject"]].append(f)
     subjects = sorted(by_subject)
     rng.shuffle(subjects)
+    can_hold = subjects_named_nowhere_else(by_subject)
     want = {"held": cfg.n_held or 10**9, "val": cfg.n_val or 10**9, "known": cfg.n_known or 10**9, "unknown": cfg.n_unknown or 10**9}
     splits = {name: [] for name in want}
     for subject in subjects:
         highly = [f for f in by_subject[subject] if categories[f["id"]] == "HighlyKnown"]
         known = [f for f in by_subject[subject] if categories[f["id"]] != "Unknown"]
         unknown = [f for f in by_subject[subject] if categories[f["id"]] == "Unknown"]
-        if highly and len(splits["held"]) < want["held"]:
+        if highly and subject in can_hold and len(splits["held"]) < want["held"]:
             splits["held"] += highly[: want["held"] - len(splits["held"])]
         elif known and len(splits["val"]) < want["val"]:
             splits["val"] += known[: want["val"] - len(splits["val"])]
@@ -1016,10 +1073,23 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """The answer's tokens as they follow the prompt in the text 'prompt answer', i.e. what the model generates.
+
+    Encoding " " + answer on its own differs for SentencePiece tokenizers (Llama 2, Mistral): they put a lone
+    "▁" piece first, a token the model never emits after "A:"."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+    if full[:len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids):]
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"]  # a tokenizer that merges across "A:" and the answer
+
+
 def encode_qa(tokenizer, fact: dict) -> dict:
     """'Q: question\\nA: answer<eos>' with only the answer tokens (and end-of-text) as targets."""
-    prompt = tokenizer(QA_PROMPT.format(question=fact["question"]))["input_ids"]
-    answer = tokenizer(" " + fact["answers"][0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    question = QA_PROMPT.format(question=fact["question"])
+    prompt = tokenizer(question)["input_ids"]  # with the tokenizer's special tokens, as generate_answers sees it
+    answer = answer_token_ids(tokenizer, question, fact["answers"][0]) + [tokenizer.eos_token_id]
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
@@ -2282,7 +2352,7 @@ def run_audit(cfg: Config) -> dict:
     tuned, tuned_tokenizer = load_finetuned(cfg, base, tokenizer, data_dir, world, device)
     check_comparable(cfg, base, tokenizer, tuned, tuned_tokenizer)
     facts = audit_facts(cfg, facts)
-    categories = cached_categories(base, tokenizer, facts, cfg, str(base_path))
+    categories = cached_categories(base, tokenizer, facts, cfg, base_path)
     if all(c == "Unknown" for c in categories.values()):
         raise UserError(f"--model {cfg.model} knows none of the {len(facts)} facts of --data {cfg.data} (all Unknown by SliCK): "
                         f"nothing to audit; pass the base model the fine-tune started from, or data it knows")
@@ -2333,7 +2403,7 @@ def run_screen(cfg: Config) -> dict:
     out = practitioner_out(cfg, Path("runs/screen") / data_dir.name, "screen.json")
     facts, world = load_facts(data_dir)
     base, tokenizer, base_path = load_base_model(replace(cfg, method="sft"), data_dir, world, resolve_device(cfg.device))
-    categories = cached_categories(base, tokenizer, facts, cfg, str(base_path))  # every example: no slick_max_facts sample
+    categories = cached_categories(base, tokenizer, facts, cfg, base_path)  # every example: no slick_max_facts sample
     split = {c: [{**f, "category": c} for f in facts if categories[f["id"]] == c] for c in CATEGORIES}
     for c, rows in split.items():
         write_text_atomic(out / f"{c}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -2571,7 +2641,10 @@ def write_sweep_report(root: Path, name: str, results: list[dict], teacher_score
 def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> dict:
     """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
     data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
-    if not data_dir.exists():  # one command from a fresh clone to a result
+    if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
+        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
+                        f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
+    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
         print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
         data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
     facts, world = load_facts(data_dir)
@@ -2583,7 +2656,7 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
     # 3. SliCK categories of the base model's knowledge, then the splits. UUID-key facts are kept for the
     # hypothesis experiments; the main study's new facts have name-like keys, as in the paper.
     pool = category_pool(facts, cfg)
-    categories = cached_categories(base, tokenizer, pool, cfg, model_id)
+    categories = cached_categories(base, tokenizer, pool, cfg, model_path)
     category_counts = {c: sum(v == c for v in categories.values()) for c in CATEGORIES}
     print("SliCK categories of the base model: " + ", ".join(f"{c} {n}" for c, n in category_counts.items()))
     rng = random.Random(cfg.seed)

@@ -20,8 +20,10 @@ import sftguard  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smoke_dirs(tmp_path_factory):
-    """Folders shared by the whole session: the smoke world's data and the model/SliCK cache."""
+    """Folders shared by the whole session: the smoke world's data (built here: an explicit --data must exist) and the
+    model/SliCK cache."""
     root = tmp_path_factory.mktemp("smoke")
+    data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS["smoke"], "preset": "smoke", "out": str(root / "data")}))
     return {"data": root / "data", "cache": root / "cache"}
 
 
@@ -31,9 +33,6 @@ def smoke_base(smoke_dirs):
     changing it."""
     cfg = sftguard.parse_config(["--preset", "smoke", "--data", str(smoke_dirs["data"]),
                                  "--cache_dir", str(smoke_dirs["cache"]), "--device", "cpu"])
-    if not data_prep.is_complete(smoke_dirs["data"]):
-        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS["smoke"], "preset": "smoke",
-                                                       "out": str(smoke_dirs["data"])}))
     facts, world = sftguard.load_facts(smoke_dirs["data"])
     model, tokenizer, path = sftguard.load_base_model(cfg, smoke_dirs["data"], world, torch.device("cpu"))
     model.eval()

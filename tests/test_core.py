@@ -461,18 +461,25 @@ def test_categorize_facts_gives_each_category(monkeypatch):
 
 def test_cached_categories_are_reused(monkeypatch, tmp_path):
     facts = slick_facts()
-    cfg = S.Config(cache_dir=str(tmp_path), slick_prompts=2, slick_shots=1, slick_samples=0)
+    cfg = S.Config(cache_dir=str(tmp_path / "cache"), slick_prompts=2, slick_shots=1, slick_samples=0)
+    folders = {}
+    for name, seed in (("model-a", 0), ("model-b", 1)):  # two models: other weights, same config
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    model = AutoModelForCausalLM.from_pretrained(folders["model-a"])
     monkeypatch.setattr(S, "max_answer_tokens", lambda tokenizer, facts: 4)
     monkeypatch.setattr(S, "generate_answers", lambda model, tok, prompts, **kw: [["City0"] for _ in prompts])
-    first = S.cached_categories(None, None, facts, cfg, "model-a")
+    first = S.cached_categories(model, None, facts, cfg, folders["model-a"])
     assert first["f0"] == "HighlyKnown" and first["f1"] == "Unknown"
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("categories were recomputed instead of read from the cache")
     monkeypatch.setattr(S, "generate_answers", must_not_run)
-    assert S.cached_categories(None, None, facts, cfg, "model-a") == first
+    assert S.cached_categories(model, None, facts, cfg, folders["model-a"]) == first
     with pytest.raises(AssertionError, match="recomputed"):  # another model is another cache entry
-        S.cached_categories(None, None, facts, cfg, "model-b")
+        S.cached_categories(model, None, facts, cfg, folders["model-b"])
 
 
 def split_world(n_people=60):

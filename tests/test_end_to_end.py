@@ -2,6 +2,9 @@
 results.json per method, results.md, summary.md and config.json; a second run never overwrites them."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,10 +23,13 @@ def strict_json(path):
 
 @pytest.fixture(scope="module")
 def smoke_all(smoke_dirs, sftguard_cli, tmp_path_factory):
-    """One `--method all` smoke run. --data names a folder that does not exist yet, so the run builds the
-    world itself (one command from a fresh clone); the base model comes from the session's cache."""
+    """`python data_prep.py --preset smoke --out DATA`, then one `--method all` smoke run on it (an explicit --data
+    that does not exist is an error: tests/test_protocol.py); the base model comes from the session's cache."""
     root = tmp_path_factory.mktemp("e2e")
     out, data = root / "run", root / "data"
+    built = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "data_prep.py"), "--preset", "smoke", "--out", str(data)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
     args = ["--preset", "smoke", "--method", "all", "--seed", "0", "--device", "cpu",
             "--out", out, "--cache_dir", smoke_dirs["cache"], "--data", data]
     result = sftguard_cli(*args)
@@ -32,7 +38,7 @@ def smoke_all(smoke_dirs, sftguard_cli, tmp_path_factory):
     return out, data, args, result
 
 
-def test_builds_missing_data_and_writes_every_folder(smoke_all):
+def test_writes_every_folder(smoke_all):
     out, data, _, _ = smoke_all
     assert (data / "facts.jsonl").is_file() and (data / "world.json").is_file()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(RUNS)
