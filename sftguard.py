@@ -487,7 +487,21 @@ def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.devi
         if method == "freeze":
             set_trainable(model, trainable)
     set_trainable(model, "all")
+    check_runnable_dtype(model, device, cfg.model)
     return model.to(device), tokenizer, path
+
+
+def check_runnable_dtype(model, device: torch.device, name: str):
+    """A checkpoint stored in a dtype this device cannot compute in (float8 anywhere; bfloat16 on a GPU without it)
+    would fail deep inside generation: one line now instead."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    float8 = sorted(str(d) for d in dtypes if "float8" in str(d))
+    if float8:
+        raise UserError(f"--model {name} is stored in {', '.join(float8)}, which sftguard cannot train or run; "
+                        f"pass a bfloat16 or float32 copy (model.to(torch.bfloat16).save_pretrained(...))")
+    if torch.bfloat16 in dtypes and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"--model {name} is stored in bfloat16, which this GPU cannot compute in; pass a float16 or "
+                        f"float32 copy (model.to(torch.float16).save_pretrained(...)) and --precision fp16")
 
 
 def base_model_key(cfg: Config, world: dict) -> str:

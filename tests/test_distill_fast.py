@@ -206,7 +206,7 @@ def test_hidden_cache_rows_are_the_teachers_last_hidden_states(models):
         assert ids is None
         assert torch.equal(rows[:, :-1], hidden[:, :-1][answer])
         log_q = F.linear(rows[:, :-1], *cache["head"]) - rows[:, -1:]
-        assert torch.allclose(log_q, F.log_softmax(logits[:, :-1][answer] / 0.7, -1), atol=1e-5)
+        assert torch.allclose(log_q, F.log_softmax(logits[:, :-1][answer] / 0.7, -1), atol=1e-4)  # matmuls of other shapes
 
 
 def scaled_logits(model, factor=2.0):
