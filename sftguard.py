@@ -57,7 +57,7 @@ class Config:
     preset: str = field(default="default", metadata={"help": "smoke (seconds; plumbing tests) | ci (a few minutes; the test that SFT forgets more than self-distillation) | default (the documented CPU run) | large (GPU or a patient CPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the few-shot prompts and training (the world and base model have their own)"})
     data: str = field(default="", metadata={"help": "folder written by data_prep.py; empty: data/world-<preset>, built on first use"})
-    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>"})
+    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>, or a fresh -2, -3... if that holds a run"})
     model: str = field(default="", metadata={"help": "path to a local Hugging Face causal LM; empty: pretrain a small model on the synthetic world (cached)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16, or fp16 without bf16; CPU: fp32) | fp32 | bf16 | fp16 autocast; weights stay fp32"})
@@ -178,7 +178,7 @@ def parse_config(argv=None) -> Config:
     if unknown:  # HfArgumentParser would raise a ValueError with a traceback
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see python sftguard.py --help")
     check_config(cfg)
-    return cfg
+    return with_fresh_default_out(cfg)
 
 
 def check_config(cfg: Config):
@@ -569,11 +569,7 @@ def pretrain_base_model(cfg: Config, data_dir: Path, world: dict) -> Path:
 
     train(model, packed_epoch, next_token_loss, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, cfg=cfg,
           desc="pretrain", weight_decay=0.1)
-    cache.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder must be on the cache's file system for os.replace
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-base-"))
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
+    save_hf_model(model, tokenizer, cache)
     return cache
 
 
@@ -1149,6 +1145,13 @@ def answer_logits(model, batch, separable: bool):
     return model(**inputs).logits[:, :-1][target], labels[target]
 
 
+def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up to lr over `warmup` steps, then cosine down to lr / 10 at `total` (as in nanoGPT)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
 def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc: str, weight_decay: float = 0.0,
           on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None,
           save_every_epoch: bool = True) -> dict:
@@ -1183,10 +1186,8 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
         start = time.perf_counter()
         for batch in batches(generator):
             batch = {k: v.to(device) for k, v in batch.items()}
-            lr_now = lr * (step + 1) / warmup if step < warmup else \
-                lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
             for group in optimizer.param_groups:
-                group["lr"] = lr_now
+                group["lr"] = get_lr(step, lr, warmup, total)
             with precision.autocast():
                 logits, targets = answer_logits(model, batch, separable)
                 loss = loss_fn(logits, targets, batch)
@@ -1650,7 +1651,7 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
     for result, (folder, _, _, run_cfg) in zip(results, runs):
         result["excess_forgetting"] = excess_forgetting(result, control)
         write_results(folders[folder], result, run_cfg)
-    write_sweep_report(sweep_root(cfg), name, results, teacher_scores, cfg)
+    write_sweep_report(run_root(cfg), name, results, teacher_scores, cfg)
     return {"results": results, "teacher": teacher_scores}
 
 
@@ -1914,7 +1915,7 @@ def run_experiments(cfg: Config) -> dict:
     by several experiments are reused), write DIR/<experiment>.json, experiments.md and the plots."""
     wall_start = time.perf_counter()
     names, counts, widths = experiment_plan(cfg)
-    root = Path(cfg.out or f"runs/{cfg.preset}/experiment-{cfg.experiment}-seed{cfg.seed}")
+    root = Path(cfg.out or default_out(cfg))
     for name in names:  # refuse before any work, so earlier results are never lost
         if (root / f"{name}.json").exists() and not cfg.overwrite:
             raise UserError(f"{root / name}.json already exists; pass --overwrite or choose another --out")
@@ -2096,13 +2097,21 @@ def cloning_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_experiment_plots(root: Path, results: dict) -> list[str]:
-    """forgetting_vs_count.png and drift.png where matplotlib is installed (an optional extra)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg); None where an older install lacks matplotlib (then no PNG)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_experiment_plots(root: Path, results: dict) -> list[str]:
+    """forgetting_vs_count.png and drift.png (matplotlib, in requirements.txt)."""
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     rows = [r for res in results.values() for r in res["rows"] if r["method"] in ("sft", "selfdistill") and r.get("fit_target") is None]
@@ -2153,7 +2162,7 @@ def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: 
         if name in results:
             parts.append(writer(results[name]))
     parts.append("".join(f"![{p}]({p})\n" for p in plots) if plots else
-                 "Plots skipped: matplotlib is not installed (an optional extra: pip install matplotlib).\n")
+                 "Plots skipped: matplotlib is not installed (pip install -r requirements.txt).\n")
     return "\n".join(parts)
 
 
@@ -2310,18 +2319,15 @@ def audit_markdown(report: dict, plotted: bool) -> str:
             ("" if report["audit_facts"] else  # restricted to the run's probe, "all facts" is the probe again
              f"\n## By relation, all facts\n\n" + audit_table({r: v["all"] for r, v in report["by_relation"].items()}, "relation")) +
             (f"\n![accuracy per relation](audit.png)\n" if plotted else
-             "\naudit.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n") +
+             "\naudit.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n") +
             f"\n## Newly hallucinated, examples ({len(report['examples'])} of {report['all']['newly_hallucinated']})\n\n"
             "| question | gold | base | fine-tune |\n|---|---|---|---|\n" + examples)
 
 
 def plot_audit(path: Path, report: dict) -> bool:
-    """audit.png: the probe's accuracy per relation, base beside fine-tune. False without matplotlib (an extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """audit.png: the probe's accuracy per relation, base beside fine-tune. False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     relations = list(report["by_relation"])
     rows = [report["by_relation"][r]["probe"] for r in relations]
@@ -2483,19 +2489,16 @@ def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
 # =====================================================================================================
 # 8. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
 # =====================================================================================================
-def write_json_atomic(path: Path, obj):
-    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str):
+    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def pct(x) -> str:
@@ -2524,8 +2527,8 @@ def write_results(out: Path, result: dict, cfg: Config):
 
 def output_folders(cfg: Config) -> dict[str, Path]:
     if cfg.sweep:
-        return {folder: sweep_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
-    root = Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seed{cfg.seed}")
+        return {folder: run_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
+    root = Path(cfg.out or default_out(cfg))
     if cfg.method == "all":
         return {run_name(m, t): root / run_name(m, t) for m, t in ALL_RUNS}
     return {run_name(cfg.method, cfg.trainable if cfg.method == "freeze" else None): root}
@@ -2533,7 +2536,34 @@ def output_folders(cfg: Config) -> dict[str, Path]:
 
 def run_root(cfg: Config) -> Path:
     """The folder that holds a run (or a run per method / swept value) and its checkpoints/."""
-    return sweep_root(cfg) if cfg.sweep else Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seed{cfg.seed}")
+    return Path(cfg.out or default_out(cfg))
+
+
+def default_out(cfg: Config) -> str:
+    """The output folder when --out is empty: runs/<preset>/<what>-seed<seed> (or -seeds with --seeds)."""
+    what = f"experiment-{cfg.experiment}" if cfg.experiment else \
+        f"sweep-{parse_sweep(cfg.sweep)[0]}" if cfg.sweep else cfg.method
+    return f"runs/{cfg.preset}/{what}-" + ("seeds" if cfg.seeds else f"seed{cfg.seed}")
+
+
+def holds_a_run(folder: Path, cfg: Config) -> bool:
+    """Whether a default folder is taken: anything in it (with --seeds: a finished report, so unfinished seeds go on)."""
+    if cfg.seeds:
+        return (folder / "seeds.md").exists() or (folder / "experiments-seeds.md").exists()
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def with_fresh_default_out(cfg: Config) -> Config:
+    """Running the same command twice works: a default folder that holds a run gets a fresh sibling, as Lightning's
+    version_N; an explicit --out is never replaced (it is refused later unless --overwrite), nor is one to --resume."""
+    if cfg.out or cfg.resume or cfg.overwrite or cfg.audit or cfg.screen:
+        return cfg
+    default = Path(default_out(cfg))
+    if not holds_a_run(default, cfg):
+        return cfg
+    fresh = next(f"{default}-{n}" for n in range(2, 10**6) if not Path(f"{default}-{n}").exists())
+    print(f"{default} holds an earlier run; this one writes to {fresh}")
+    return replace(cfg, out=fresh)
 
 
 # Flags that may differ between a killed run and its --resume.
@@ -2577,10 +2607,6 @@ def drop_checkpoints(checkpoints: Path, cfg: Config):
         shutil.rmtree(checkpoints)
 
 
-def sweep_root(cfg: Config) -> Path:
-    return Path(cfg.out or f"runs/{cfg.preset}/sweep-{parse_sweep(cfg.sweep)[0]}-seed{cfg.seed}")
-
-
 SWEEP_SYMBOL = {"kl_weight": "λ", "temperature": "τ", "l2_weight": "α"}
 
 
@@ -2598,12 +2624,9 @@ def sweep_table(name: str, results: list[dict]) -> str:
 
 def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: dict, seed: int) -> bool:
     """frontier.png: held-out accuracy against new-fact accuracy, one point per swept value, controls marked.
-    Returns False (and draws nothing) when matplotlib is not installed: it is an optional extra."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    Returns False (and draws nothing) when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return False
     symbol = SWEEP_SYMBOL.get(name, name)
     swept = [r for r in results if r["sweep_value"] is not None]
@@ -2637,7 +2660,7 @@ def write_sweep_report(root: Path, name: str, results: list[dict], teacher_score
     points = [{"run": r["run"], "method": r["method"], name: r["sweep_value"], **r["final"], "forgetting": r["forgetting"],
                "excess_forgetting": r["excess_forgetting"]} for r in results]
     plotted = plot_frontier(root / "frontier.png", name, results, teacher_scores, cfg.seed)
-    note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n"
+    note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n"
     write_text_atomic(root / "sweep.md", f"# sftguard --sweep {cfg.sweep}, preset {cfg.preset}, seed {cfg.seed}\n\n"
                       f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
                       f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
@@ -2736,7 +2759,7 @@ def main(cfg: Config) -> dict:
     table = table1(results)
     print("\n" + table)
     if cfg.method == "all":
-        root = Path(cfg.out or f"runs/{cfg.preset}/all-seed{cfg.seed}")
+        root = run_root(cfg)
         write_text_atomic(root / "summary.md", f"# sftguard --method all, preset {cfg.preset}, seed {cfg.seed}\n\n"
                           f"Teacher: D_known {pct(teacher_scores['known_acc'])}, D_unknown {pct(teacher_scores['unknown_acc'])}, "
                           f"D_held {pct(teacher_scores['held_acc'])}\n\nAccuracy % after stage 2 ({cfg.epochs} epochs); forgetting is "
@@ -2804,12 +2827,9 @@ def seeds_markdown(per_seed: list[list[dict]], cfg: Config, seeds: list[int]) ->
 
 def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[int]) -> bool:
     """forgetting.png: held-out and new-fact accuracy after every stage-2 epoch, one line per method, mean over
-    seeds (band: ± sd). Returns False when matplotlib (an optional extra) is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    seeds (band: ± sd). Returns False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_held, ax_new) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharex=True)
     for i, runs in enumerate(zip(*per_seed)):  # one method, every seed
@@ -2875,7 +2895,7 @@ def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int
 def run_experiment_seeds(cfg: Config, seeds: list[int]) -> dict:
     """--experiment X --seeds 0,1,2: the experiments once per seed into DIR/seed<N>/ (finished seeds are reused),
     then DIR/experiments-seeds.md with mean ± sd over seeds."""
-    root = Path(cfg.out or f"runs/{cfg.preset}/experiment-{cfg.experiment}-seeds")
+    root = Path(cfg.out or default_out(cfg))
     names, _, _ = experiment_plan(cfg)
     per_seed = []
     for seed in seeds:
@@ -2897,7 +2917,7 @@ def run_seeds(cfg: Config) -> dict:
     seeds = parse_seeds(cfg.seeds)
     if cfg.experiment:
         return run_experiment_seeds(cfg, seeds)
-    root = Path(cfg.out or f"runs/{cfg.preset}/{cfg.method}-seeds")
+    root = Path(cfg.out or default_out(cfg))
     per_seed = []
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
@@ -2910,7 +2930,7 @@ def run_seeds(cfg: Config) -> dict:
     report = seeds_markdown(per_seed, cfg, seeds)
     plotted = plot_forgetting_curves(root / "forgetting.png", per_seed, seeds)
     report += ("\n![forgetting over training](forgetting.png)\n" if plotted else
-               "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements-extras.txt)\n")
+               "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n")
     write_text_atomic(root / "seeds.md", report)
     print("\n" + report + f"\nwritten to {root / 'seeds.md'}")
     return {"per_seed": per_seed}

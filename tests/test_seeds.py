@@ -38,7 +38,6 @@ def test_bad_seeds_are_refused(spec):
 
 
 def test_forgetting_plot_is_drawn_from_every_seeds_curve(tmp_path):
-    pytest.importorskip("matplotlib")
     per_seed = [[fake_result("known_only", [0.8, 0.8], [0.0, 0.0]), fake_result("sft", [0.8, 0.6], [0.0, 0.95])],
                 [fake_result("known_only", [0.8, 0.7], [0.0, 0.0]), fake_result("sft", [0.8, 0.7], [0.0, 0.90])]]
     assert S.plot_forgetting_curves(tmp_path / "forgetting.png", per_seed, [0, 1])
