@@ -854,7 +854,7 @@ def teacher_cache_mode(teacher, batches, cfg: Config) -> str:
                         "state (e.g. soft-capped or scaled logits); use --teacher_cache fp32 or live")
     if cfg.teacher_cache != "auto":
         return cfg.teacher_cache
-    if not hasattr(batches, "answer_tokens"):  # no training set to cache
+    if not isinstance(batches, QABatches):  # no training set to cache
         return "live"
     if logits_from_last_hidden(teacher, batches):
         return "hidden"
@@ -892,7 +892,7 @@ def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> 
         return False
     teacher.eval()
     device = head.weight.device
-    first = batches.batch_of([0]) if hasattr(batches, "batch_of") else next(iter(batches(torch.Generator().manual_seed(0))))
+    first = batches.batch_of([0]) if isinstance(batches, QABatches) else next(iter(batches(torch.Generator().manual_seed(0))))
     batch = {k: v[:1].to(device) for k, v in first.items()}
     logits, hidden = teacher_forward_with_hidden(teacher, batch)
     same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
@@ -923,7 +923,7 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
     states, each with the log-normaliser of its logits at tau (float32), and its output layer / tau in "head";
     fp32 (exact) or bf16 full-vocabulary log-probabilities at tau; topk: the teacher_topk largest log-probabilities,
     their token ids and the tail's log-mass."""
-    if not hasattr(batches, "batch_of"):
+    if not isinstance(batches, QABatches):
         raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -1103,33 +1103,49 @@ def encode_qa(tokenizer, fact: dict) -> dict:
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
-def qa_batches(tokenizer, facts: list[dict], batch_size: int):
-    """An epoch function: yields right-padded batches of the facts in a fresh random order."""
+@dataclass
+class QABatches:
+    """A QA training set, encoded once. Called with a generator, it yields one epoch of right-padded batches in a
+    fresh random order (train() calls it so); batch_of(positions) pads those examples."""
+    examples: list[tuple[list[int], list[int]]]  # (input_ids, labels) per fact; labels -100 outside the answer
+    batch_size: int
+    pad_token_id: int
+
+    @property
+    def size(self) -> int:
+        return len(self.examples)
+
+    @property
+    def steps(self) -> int:  # per epoch
+        return math.ceil(self.size / self.batch_size)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(t != -100 for _, labels in self.examples for t in labels)
+
+    def batch_of(self, index: list[int]) -> dict:
+        """The examples at these positions, right-padded; "index" lets a teacher cache find their rows."""
+        chunk = [self.examples[i] for i in index]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(ids, self.pad_token_id) for ids, _ in chunk]),
+                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
+                "labels": torch.tensor([pad(lab, -100) for _, lab in chunk]), "index": torch.tensor(index)}
+
+    def __call__(self, generator):
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for start in range(0, self.size, self.batch_size):
+            yield self.batch_of(order[start:start + self.batch_size])
+
+
+def qa_batches(tokenizer, facts: list[dict], batch_size: int) -> QABatches:
+    """The facts as 'Q: question\\nA: answer<eos>' examples (encode_qa), in batches of batch_size."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()  # one bar per training run is enough
     encoded = Dataset.from_list([{"question": f["question"], "answers": f["answers"][:1]} for f in facts]).map(
         lambda f: encode_qa(tokenizer, f), remove_columns=["question", "answers"])
-    examples = list(zip(encoded["input_ids"], encoded["labels"]))
-
-    def batch_of(index: list[int]) -> dict:
-        """The examples at these positions, right-padded; "index" lets a teacher cache find their rows."""
-        chunk = [examples[i] for i in index]
-        width = max(len(ids) for ids, _ in chunk)
-        pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in chunk]),
-                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
-                "labels": torch.tensor([pad(lab, -100) for _, lab in chunk]), "index": torch.tensor(index)}
-
-    def epoch(generator):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield batch_of(order[start:start + batch_size])
-    epoch.batch_of = batch_of
-    epoch.size = len(examples)
-    epoch.answer_tokens = sum(t != -100 for _, labels in examples for t in labels)
-    epoch.steps = math.ceil(len(examples) / batch_size)
-    return epoch
+    return QABatches(list(zip(encoded["input_ids"], encoded["labels"])), batch_size, tokenizer.pad_token_id)
 
 
 def answer_logits(model, batch, separable: bool):
@@ -1808,13 +1824,13 @@ def matched_l2_weight(kl_grad_norms: list[float], distances: list[float]) -> flo
 
 
 # --- One condition: stage 2 from the teacher on D_known + new facts ---------------------------------------
-def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, *, epochs: int,
+def run_condition(study: "Study", new_facts: list[dict], method: str, cfg: Config, *, epochs: int,
                   fit_target: float | None = None, l2_weight: float | None = None, probe: dict | None = None) -> dict:
     """Train a fresh copy of the teacher (method: sft | selfdistill | l2 | known_only) and record after
     every epoch: held-out accuracy, new-fact accuracy and drift. fit_target stops training at the first
     epoch whose new-fact accuracy reaches it (the cloning experiment's fitted UUID facts)."""
     started = time.perf_counter()
-    teacher, tokenizer, held = study["teacher"], study["tokenizer"], study["eval_sets"]["held"]
+    teacher, tokenizer, held = study.teacher, study.tokenizer, study.eval_sets["held"]
     new_eval = new_facts[: cfg.eval_max]
     layer = drift_layer(teacher)
 
@@ -1826,7 +1842,7 @@ def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, 
         return {"held_acc": (len(same) * nan_to_0(same_acc) + len(other) * nan_to_0(other_acc)) / len(held),
                 "held_same_relation_acc": same_acc, "held_other_relations_acc": other_acc,
                 "new_acc": accuracy(model, tokenizer, new_eval, cfg, desc="eval new") if new_eval else float("nan"),
-                "drift": representation_drift(study["reference_states"], entity_states(model, tokenizer, held, layer))}
+                "drift": representation_drift(study.reference_states, entity_states(model, tokenizer, held, layer))}
 
     seed_everything(cfg.seed)
     student = copy.deepcopy(teacher)
@@ -1837,18 +1853,18 @@ def run_condition(study: dict, new_facts: list[dict], method: str, cfg: Config, 
         curve.append({"epoch": epoch, **measure(student)})
         return fit_target is not None and curve[-1]["new_acc"] >= fit_target
 
-    batches = qa_batches(tokenizer, study["splits"]["known"] + new_facts, cfg.batch_size)
+    batches = qa_batches(tokenizer, study.splits["known"] + new_facts, cfg.batch_size)
     if probe is not None:
         loss_fn = kl_gradient_probe(student, teacher, cfg, probe)
     else:
         loss_fn = method_loss(method, student, teacher, replace(cfg, l2_weight=cfg.l2_weight if l2_weight is None else l2_weight), batches)
     key = new_facts[0]["key"] if new_facts else "none"
     with teacher_off_device(teacher, loss_fn):
-        train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study['width']}", on_epoch_end=record, seed=cfg.seed)
+        train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study.width}", on_epoch_end=record, seed=cfg.seed)
     final = curve[-1]
-    tqdm.write(f"  {method:<11} {key:<4} n={len(new_facts):<5} width={study['width']:<4} epochs={final['epoch']}: "
+    tqdm.write(f"  {method:<11} {key:<4} n={len(new_facts):<5} width={study.width:<4} epochs={final['epoch']}: "
                f"new {final['new_acc']:.3f}  held {final['held_acc']:.3f}  drift {final['drift']:.4f}")
-    return {"key": key, "count": len(new_facts), "width": study["width"], "method": method, "epochs": final["epoch"],
+    return {"key": key, "count": len(new_facts), "width": study.width, "method": method, "epochs": final["epoch"],
             "forgetting": relative_drop(curve[0]["held_acc"], final["held_acc"]), "new_acc": final["new_acc"],
             "held_acc": final["held_acc"], "drift": final["drift"], "teacher_held_acc": curve[0]["held_acc"],
             "forgetting_same_relation": relative_drop(curve[0]["held_same_relation_acc"], final["held_same_relation_acc"]),
@@ -1929,17 +1945,18 @@ def run_experiments(cfg: Config) -> dict:
         if width not in studies:
             print(f"--- base model and teacher of width {width}")
             study = prepare_study(replace(cfg, n_embd=width), device, keep_base=True)
-            if study["world"].get("source") != "synthetic":
+            if study.world.get("source") != "synthetic":
                 raise UserError("--experiment needs the synthetic world (its name-like and UUID keys); drop --data or point it at a data_prep.py world")
-            study["width"] = study["teacher"].config.hidden_size
-            layer = drift_layer(study["teacher"])
-            study["reference_states"] = entity_states(study.pop("base"), study["tokenizer"], study["eval_sets"]["held"], layer)
-            study["teacher_measure"] = {"held_acc": study["teacher_scores"]["held_acc"], "drift": representation_drift(
-                study["reference_states"], entity_states(study["teacher"], study["tokenizer"], study["eval_sets"]["held"], layer))}
+            study.width = study.teacher.config.hidden_size
+            layer = drift_layer(study.teacher)
+            study.reference_states = entity_states(study.base, study.tokenizer, study.eval_sets["held"], layer)
+            study.base = None  # only its states are needed
+            study.teacher_measure = {"held_acc": study.teacher_scores["held_acc"], "drift": representation_drift(
+                study.reference_states, entity_states(study.teacher, study.tokenizer, study.eval_sets["held"], layer))}
             if not new_facts:
-                corpus = (study["data_dir"] / "pretrain.jsonl").read_text()
+                corpus = (study.data_dir / "pretrain.jsonl").read_text()
                 for key in KEY_TYPES:
-                    new_facts[key] = new_entity_facts(study["facts"], corpus, key, counts[-1], cfg.exp_relation, cfg.seed)
+                    new_facts[key] = new_entity_facts(study.facts, corpus, key, counts[-1], cfg.exp_relation, cfg.seed)
             studies[width] = study
         return studies[width]
 
@@ -1962,13 +1979,13 @@ def run_experiments(cfg: Config) -> dict:
         print(f"=== experiment {name}")
         rows = [{"condition": condition_name(r), **r} for r in experiments[name](run, counts, widths, cfg)]
         study = studies[cfg.n_embd]
-        known = sorted({f["subject"] for f in study["facts"] if f.get("key") == "name" and f.get("in_pretraining")})
+        known = sorted({f["subject"] for f in study.facts if f.get("key") == "name" and f.get("in_pretraining")})
         results[name] = {
             "experiment": name, "seed": cfg.seed, "preset": cfg.preset, "counts": counts, "widths": widths, "epochs": cfg.epochs,
-            "relation": cfg.exp_relation, "drift": f"mean 1 - cos of hidden_states[{drift_layer(study['teacher'])}] at the entity's "
+            "relation": cfg.exp_relation, "drift": f"mean 1 - cos of hidden_states[{drift_layer(study.teacher)}] at the entity's "
             "last token, held-out facts, against the base model before stage 1",
-            "key_token_overlap": {k: key_token_overlap(study["tokenizer"], [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
-            "teacher": {str(w): {**s["teacher_scores"], "drift": s["teacher_measure"]["drift"], "stage1": s["stage1"]} for w, s in studies.items()},
+            "key_token_overlap": {k: key_token_overlap(study.tokenizer, [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
+            "teacher": {str(w): {**s.teacher_scores, "drift": s.teacher_measure["drift"], "stage1": s.stage1} for w, s in studies.items()},
             "l2_probe": ({"l2_weight": matched_l2_weight(done["probe"]["kl_grad_norm"], done["probe"]["distance"]), "steps": len(done["probe"]["distance"]),
                           "mean_kl_grad_norm": sum(done["probe"]["kl_grad_norm"]) / len(done["probe"]["kl_grad_norm"])}
                          if name == "interference" else None),
@@ -2675,7 +2692,30 @@ def write_sweep_report(root: Path, name: str, results: list[dict], teacher_score
 # =====================================================================================================
 # main: data -> base model -> SliCK split -> stage 1 teacher -> stage 2 method(s) -> report
 # =====================================================================================================
-def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> dict:
+@dataclass
+class Study:
+    """What stage 2 starts from, prepared once: the data, the base model's SliCK split, the stage-1 teacher."""
+    data_dir: Path
+    facts: list[dict]
+    world: dict
+    tokenizer: object
+    model_id: str
+    pool: list[dict]  # the categorised facts
+    categories: dict[str, str]  # fact id -> SliCK category
+    category_counts: dict[str, int]
+    splits: dict[str, list[dict]]  # known, unknown, held, val
+    eval_sets: dict[str, list[dict]]  # the fixed evaluation subsets of the splits
+    teacher: object
+    stage1: dict
+    teacher_scores: dict[str, float]
+    base: object = None  # with keep_base: the experiments measure drift against the base model
+    # the experiments' (run_experiments): the teacher's width, the base model's held-out entity states, its drift
+    width: int = 0
+    reference_states: torch.Tensor | None = None
+    teacher_measure: dict | None = None
+
+
+def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> Study:
     """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
     data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
     if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
@@ -2706,10 +2746,8 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
     teacher, stage1 = learn_task_format(base, tokenizer, splits, cfg, checkpoint_dir)
     teacher_scores = evaluate(teacher, tokenizer, eval_sets, cfg)
     print("teacher (after task-format learning): " + "  ".join(f"{k} {v:.3f}" for k, v in teacher_scores.items()))
-    return {"data_dir": data_dir, "facts": facts, "world": world, "tokenizer": tokenizer, "model_id": model_id, "pool": pool,
-            "categories": categories, "category_counts": category_counts, "splits": splits, "eval_sets": eval_sets,
-            "teacher": teacher, "stage1": stage1, "teacher_scores": teacher_scores,
-            "base": base if keep_base else None}  # the experiments measure drift against the base model
+    return Study(data_dir, facts, world, tokenizer, model_id, pool, categories, category_counts, splits, eval_sets,
+                 teacher, stage1, teacher_scores, base if keep_base else None)
 
 
 def main(cfg: Config) -> dict:
@@ -2725,14 +2763,13 @@ def main(cfg: Config) -> dict:
     resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
 
     study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
-    tokenizer, splits, eval_sets, teacher, teacher_scores, model_id, category_counts, pool, categories, stage1 = (study[k] for k in (
-        "tokenizer", "splits", "eval_sets", "teacher", "teacher_scores", "model_id", "category_counts", "pool", "categories", "stage1"))
+    tokenizer, splits, eval_sets, teacher, teacher_scores = study.tokenizer, study.splits, study.eval_sets, study.teacher, study.teacher_scores
 
     # 6. Stage 2, one method or all of them from the same teacher
     runs = ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable if cfg.method == "freeze" else None),)
-    common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({model_id})",
-              "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": category_counts,
-              "slick_vs_truth": slick_vs_truth(pool, categories), "stage1": stage1,
+    common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({study.model_id})",
+              "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": study.category_counts,
+              "slick_vs_truth": slick_vs_truth(study.pool, study.categories), "stage1": study.stage1,
               "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
     if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
         save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
