@@ -48,8 +48,16 @@ import data_prep
 from data_prep import QA_PROMPT, qa_text
 
 
+# #####################################################################################################
+# PART I. THE PAPER: read this first, beside the paper.
+#   Configuration -> facts -> base model -> SliCK split -> the losses and one training loop -> stage 1 ->
+#   stage 2 -> results -> main. What the paper does not describe (fast paths, caches, checks, resume) is one
+#   line here that calls into Part III.
+# #####################################################################################################
+
+
 # =====================================================================================================
-# 0. Configuration
+# 0. Configuration: one dataclass, a help line per field, presets as named overrides
 # =====================================================================================================
 @dataclass
 class Config:
@@ -155,9 +163,11 @@ PRESETS = {
     "ci": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=768, slick_prompts=2, slick_samples=2,
                n_known=200, n_unknown=400, n_held=150, n_val=40),
 }
+
+
 METHODS = ("sft", "selfdistill", "freeze", "known_only", "l2")
-TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 # --method all: every method once from the same teacher; freeze twice, as in the paper's Table 1.
 ALL_RUNS = (("known_only", None), ("sft", None), ("selfdistill", None), ("freeze", "attn"), ("freeze", "mlp"), ("l2", None))
 
@@ -166,135 +176,9 @@ class UserError(Exception):
     """A mistake in the input: printed as one line with its fix, exit status 2, no traceback."""
 
 
-def parse_config(argv=None) -> Config:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config)
-    known, _ = parser.parse_known_args(argv)
-    if known.preset not in PRESETS:
-        raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
-    parser.set_defaults(**PRESETS[known.preset])
-    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:  # HfArgumentParser would raise a ValueError with a traceback
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see python sftguard.py --help")
-    check_config(cfg)
-    return with_fresh_default_out(cfg)
-
-
-def check_config(cfg: Config):
-    if cfg.method not in METHODS + ("all",):
-        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS + ('all',))}")
-    # Chained comparisons are False for nan, so nan and inf fail too.
-    for name in ("kl_weight", "l2_weight", "warmup_frac"):
-        if not (0 <= getattr(cfg, name) < math.inf):
-            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number >= 0")
-    for name in ("temperature", "slick_temperature", "lr", "stage1_lr", "pretrain_lr", "grad_clip"):
-        if not (0 < getattr(cfg, name) < math.inf):
-            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number > 0")
-    if cfg.warmup_frac >= 1:
-        raise UserError(f"--warmup_frac {cfg.warmup_frac} leaves no steps after warm-up; pass a fraction below 1, e.g. 0.05")
-    for name in ("n_known", "n_unknown", "n_held", "n_val", "slick_samples", "slick_top_k", "slick_max_facts"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} {getattr(cfg, name)} is negative; pass a count >= 0 (0 means all, for split sizes)")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out and --overwrite starts it over; pass one of them")
-    if cfg.resume and cfg.experiment:
-        raise UserError("--resume works for --method and --sweep runs, not for --experiment; run the experiment again")
-    if cfg.epoch_checkpoints not in EPOCH_CHECKPOINTS or cfg.epoch_checkpoint_max_mb < 0:
-        raise UserError(f"--epoch_checkpoints must be one of {', '.join(EPOCH_CHECKPOINTS)} and --epoch_checkpoint_max_mb >= 0")
-    if cfg.teacher_cache not in TEACHER_CACHES:
-        raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if cfg.teacher_topk < 1 or cfg.kl_chunk < 0:
-        raise UserError("--teacher_topk must be >= 1 and --kl_chunk >= 0")
-    if cfg.kl_chunk == 0 and cfg.teacher_cache != "live":
-        raise UserError("--kl_chunk 0 (the plain Eq. 1-2 function) takes the teacher's logits: use it with --teacher_cache live")
-    if cfg.teacher_cache_max_mb < 0:
-        raise UserError("--teacher_cache_max_mb must be >= 0")
-    for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max", "eval_batch_size",
-                 "stage1_patience", "n_layer", "n_embd", "n_head", "mlp_ratio", "pretrain_epochs", "pretrain_batch_size", "pretrain_block"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1")
-    if cfg.arch not in ("llama", "gpt2"):
-        raise UserError(f"unknown --arch {cfg.arch!r}; choose llama or gpt2")
-    if not cfg.model and cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
-    if not cfg.model and (cfg.n_kv_head < 0 or cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
-        raise UserError(f"--n_kv_head {cfg.n_kv_head} does not divide --n_head {cfg.n_head}; pass a divisor of the heads, or 0 for one per head")
-    if cfg.seeds:
-        parse_seeds(cfg.seeds)
-        if cfg.sweep or cfg.resume:
-            raise UserError("--seeds repeats --method or --experiment runs; it cannot be combined with --sweep or --resume")
-    if cfg.sweep:
-        parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
-    if cfg.experiment:
-        experiment_plan(cfg)  # raises UserError on a malformed --experiment / --exp_counts / --exp_widths
-    check_practitioner_config(cfg)
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
-    return device
-
-
-@dataclass
-class Precision:
-    """Mixed precision: the weights and optimizer state stay float32 (master weights); the forward pass runs under
-    autocast in `dtype` (None: float32 throughout); fp16 also scales the loss (GradScaler), as its range needs."""
-    device_type: str
-    dtype: torch.dtype | None
-    scaler: "torch.amp.GradScaler | None" = None
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
-
-    def backward_and_step(self, loss, optimizer, params, grad_clip: float):
-        """loss.backward(), gradient clipping, optimizer.step(); fp16 scales the loss and unscales before clipping."""
-        if self.scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-            self.scaler.update()
-        # Autocast keeps its low-precision copies of the weights until its outermost context ends: under a caller's
-        # context around train() the next forward pass would use the weights from before this step.
-        torch.clear_autocast_cache()
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """--precision on this device; one that the device cannot run is a UserError (fp16 on a CPU, bf16 on a GPU without)."""
-    cuda = device.type == "cuda"
-    bf16_ok = not cuda or torch.cuda.is_bf16_supported(including_emulation=False)
-    if name == "auto":
-        name = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
-    if name == "fp16" and not cuda:
-        raise UserError("--precision fp16 needs a CUDA GPU (CPU autocast is bf16 only); use --precision bf16 or fp32")
-    if name == "bf16" and not bf16_ok:
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp16 or fp32")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    return Precision(device.type, dtype, torch.amp.GradScaler("cuda") if name == "fp16" else None)
-
-
-def model_precision(model, cfg: Config) -> Precision:
-    return resolve_precision(cfg.precision, next(model.parameters()).device)
 
 
 # =====================================================================================================
@@ -363,14 +247,6 @@ def normalize_answer(text: str) -> str:
 def is_correct(prediction: str, answers: list[str]) -> bool:
     guess = normalize_answer(prediction)
     return bool(guess) and guess in {normalize_answer(a) for a in answers}  # an empty answer is never right
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """An answer ends at end-of-text or at the first token holding a newline (few-shot prompts go on)."""
-    if not hasattr(tokenizer, "_sftguard_stop_ids"):
-        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        tokenizer._sftguard_stop_ids = [tokenizer.eos_token_id] + [i for i, p in enumerate(pieces) if "\n" in p]
-    return tokenizer._sftguard_stop_ids
 
 
 @torch.no_grad()
@@ -491,28 +367,6 @@ def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.devi
     return model.to(device), tokenizer, path
 
 
-def check_runnable_dtype(model, device: torch.device, name: str):
-    """A checkpoint stored in a dtype this device cannot compute in (float8 anywhere; bfloat16 on a GPU without it)
-    would fail deep inside generation: one line now instead."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    float8 = sorted(str(d) for d in dtypes if "float8" in str(d))
-    if float8:
-        raise UserError(f"--model {name} is stored in {', '.join(float8)}, which sftguard cannot train or run; "
-                        f"pass a bfloat16 or float32 copy (model.to(torch.bfloat16).save_pretrained(...))")
-    if torch.bfloat16 in dtypes and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError(f"--model {name} is stored in bfloat16, which this GPU cannot compute in; pass a float16 or "
-                        f"float32 copy (model.to(torch.float16).save_pretrained(...)) and --precision fp16")
-
-
-def base_model_key(cfg: Config, world: dict) -> str:
-    spec = {k: getattr(cfg, k) for k in ("arch", "n_layer", "n_embd", "n_head", "mlp_ratio", "vocab_size",
-                                         "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "pretrain_block")}
-    if cfg.n_kv_head not in (0, cfg.n_head):  # only then a different model (older caches keep their keys)
-        spec["n_kv_head"] = cfg.n_kv_head
-    spec["world"] = world["fingerprint"]
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE trained on the corpus, so names split into the sub-word pieces they share."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -626,26 +480,6 @@ def categorize_facts(model, tokenizer, facts: list[dict], cfg: Config, rng: rand
     return {f["id"]: slick_category(greedy_ok[i], sampled_ok[i]) for i, f in enumerate(facts)}
 
 
-def file_sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of a file's bytes, remembered under its path, size, mtime, ctime and inode, so that a multi-GB weight file
-    is read once per version. Every write or rename sets ctime, which cannot be set back: a rewrite is always seen."""
-    st = path.stat()
-    stamp = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
-    memo = cache_dir / "file-sha256" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    write_text_atomic(memo, digest)
-    return digest
-
-
-def model_fingerprint(folder: Path, cache_dir: Path) -> str:
-    """The content of a model folder: config, tokenizer and weight files (not the docs), whatever its path."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
-    return hashlib.sha256(json.dumps([[p.name, file_sha256(p, cache_dir)] for p in files]).encode()).hexdigest()
-
-
 def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) -> dict[str, str]:
     """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting), each
     keyed by content: the model folder's files and the dtype / device it runs in, the facts' text, the settings."""
@@ -661,6 +495,14 @@ def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) ->
     categories = categorize_facts(model, tokenizer, facts, cfg, random.Random(0))
     write_json_atomic(path, categories)
     return categories
+
+
+def category_pool(facts: list[dict], cfg: Config) -> list[dict]:
+    """The facts the study categorises: name-key facts (UUID keys are the experiments'), at most slick_max_facts."""
+    pool = [f for f in facts if f.get("key") != "uuid"]
+    if cfg.slick_max_facts and len(pool) > cfg.slick_max_facts:
+        pool = random.Random(0).sample(pool, cfg.slick_max_facts)
+    return pool
 
 
 def subjects_named_nowhere_else(by_subject: dict[str, list[dict]]) -> set[str]:
@@ -727,7 +569,7 @@ def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None
 
 
 # =====================================================================================================
-# 4. Training: the losses, parameter-group freezing, and the one loop every stage and method uses
+# 4. Training: the losses, freezing, and the one loop every stage and method uses
 # =====================================================================================================
 # Every loss takes the logits of the target tokens only, [N, V], and their targets [N]: train() runs the output layer
 # on those positions alone (labels != -100 after the shift; the prompt and padding are no targets), so no
@@ -751,320 +593,9 @@ def self_distillation_loss(student_logits, teacher_logits, targets, kl_weight: f
     return ce + kl_weight * temperature**2 * kl, kl
 
 
-# The same loss, fast. Cross-entropy and KL are taken together a chunk of answer tokens at a time, and their
-# gradient is written out in that same pass, so the backward pass recomputes nothing and no full-vocabulary
-# probabilities outlive their chunk: the one [answer tokens, vocabulary] tensor kept is the gradient, where plain
-# cross-entropy keeps its log-probabilities (and a copy of the answer tokens' logits while it runs). And since the
-# stage-2 inputs are fixed and the teacher frozen, the teacher's answer tokens can be computed once
-# (build_teacher_cache) instead of by a forward pass every step: as its last hidden states (the default; its
-# log-probabilities are one matmul with its output layer away) or as log-probabilities. A live teacher, too, runs
-# its output layer on the answer tokens alone where the model allows (output_layer_separable).
-# tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
-def self_distillation_loss_chunked(student_logits, teacher_rows, targets, kl_weight: float, temperature: float,
-                                   chunk: int, teacher_ids=None, teacher_head=None):
-    """Eq. 1-2 as in self_distillation_loss (student_logits [N, V], targets [N]), with the teacher given one row per
-    answer token, as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at tau, or with
-    teacher_head (an output layer) hidden states, with or without log-normalisers. Returns (loss, kl)."""
-    if len(targets) != len(teacher_rows):
-        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(targets)} answer tokens: "
-                           f"the teacher cache was built for other examples than this batch")
-    return ChunkedSelfDistillation.apply(student_logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight,
-                                         temperature, chunk)
-
-
-class ChunkedSelfDistillation(torch.autograd.Function):
-    """(CE + kl_weight * tau^2 * KL, KL) over the N answer tokens (logits [N, V], targets [N]), `chunk` rows at a time,
-    each taken to float32 only then, with the gradient computed in the forward pass:
-        d loss / d logits = [softmax(z) - onehot(y) + kl_weight * tau * (p_student^tau - q)] / N.
-
-    q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
-    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
-    teacher_head = (weight, bias) such that F.linear(row, weight, bias) are its logits at tau (the cache: its output
-    layer / tau, rows its last hidden states; a live teacher: its own weight and bias / tau, rows hidden / tau, so
-    nothing is copied), rows [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at tau in
-    a last column [N, d + 1] (the cache: one pass fewer), turned into log-probabilities a chunk at a time. The KL
-    output is for logging: it carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float, temperature: float,
-                chunk: int):
-        n = max(len(targets), 1)
-        grad = torch.empty(len(targets), logits.shape[-1], device=logits.device)  # d loss / d answer-token logits
-        ce, kl = torch.zeros((), device=logits.device), torch.zeros((), device=logits.device)
-        for start in range(0, len(targets), chunk):  # each line below is one or two passes over a [chunk, V] block
-            rows = slice(start, start + chunk)
-            z, y = logits[rows].float(), targets[rows]
-            picked = (torch.arange(len(y), device=y.device), y)  # each row's target token
-            log_p_tau = F.log_softmax(z / temperature, dim=-1)
-            log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows)
-            q = log_q.exp()
-            kl += q.view(-1).dot(log_q.view(-1)) - q.view(-1).dot(log_p_tau.view(-1))  # sum q (log q - log p), no copy
-            del log_q  # one [chunk, V] block fewer alive for the rest of the chunk
-            log_sum_exp = z.logsumexp(-1)
-            ce += (log_sum_exp - z[picked]).sum()
-            # softmax(z) / n, written straight into the gradient, then + kl_weight * tau * (p_tau - q) / n - onehot / n
-            torch.sub(z, (log_sum_exp + math.log(n))[:, None], out=grad[rows]).exp_()
-            grad[rows].add_(log_p_tau.exp_().sub_(q), alpha=kl_weight * temperature / n)
-            grad[rows][picked] -= 1 / n
-        ctx.save_for_backward(grad)
-        ctx.dtype = logits.dtype
-        kl = kl / n
-        ctx.mark_non_differentiable(kl)
-        return ce / n + kl_weight * temperature**2 * kl, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_kl):
-        grad, = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None, None, None
-
-
-def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
-    """log q, the teacher at tau, on the given rows, in float32 (log_p_student: the student's, for the top-k tail)."""
-    if teacher_head is not None:  # the output layer at tau on hidden states, less their log-normaliser if it is given
-        weight, bias = teacher_head
-        logits = F.linear(teacher_rows[rows, :weight.shape[1]].to(weight.dtype), weight, bias).float()
-        if teacher_rows.shape[1] == weight.shape[1]:
-            return F.log_softmax(logits, dim=-1)
-        return logits.sub_(teacher_rows[rows, -1:])
-    if teacher_ids is None:
-        return teacher_rows[rows].float()
-    return teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
-
-
-def teacher_target(log_p_student, top_and_tail, ids):
-    """Top-k + tail bucket: the teacher's k most likely tokens exactly, and its remaining mass spread over the other
-    tokens in the student's proportions. KL to this q is the KL over k + 1 bins (top-k tokens, the tail), a lower
-    bound of the full KL that equals it when the teacher's tail has the student's shape."""
-    log_tail_teacher = top_and_tail[:, -1:].clamp_min(-1e4)  # -inf when the top-k hold all the mass
-    log_tail_student = log_p_student.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-1e4)
-    return (log_p_student + log_tail_teacher - log_tail_student).scatter(-1, ids, top_and_tail[:, :-1])
-
-
-def teacher_answer_log_probs(teacher_logits, labels, temperature: float):
-    """log p_teacher^tau at the answer tokens, one row per token in the order of labels != -100."""
-    return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
-
-
-def teacher_cache_mode(teacher, batches, cfg: Config) -> str:
-    """cfg.teacher_cache, with auto resolved to the most compact exact cache: hidden if the teacher's logits are its
-    output layer on its last hidden state (checked on one example), else fp32 if it fits in teacher_cache_max_mb,
-    else live."""
-    if cfg.teacher_cache == "hidden" and not logits_from_last_hidden(teacher, batches):
-        raise UserError("--teacher_cache hidden: this model's logits are not its output layer applied to its last hidden "
-                        "state (e.g. soft-capped or scaled logits); use --teacher_cache fp32 or live")
-    if cfg.teacher_cache != "auto":
-        return cfg.teacher_cache
-    if not isinstance(batches, QABatches):  # no training set to cache
-        return "live"
-    if logits_from_last_hidden(teacher, batches):
-        return "hidden"
-    cache_bytes = batches.answer_tokens * teacher.get_output_embeddings().weight.shape[0] * 4
-    return "fp32" if cache_bytes <= cfg.teacher_cache_max_mb * 2**20 else "live"
-
-
-@torch.no_grad()
-def teacher_forward_with_hidden(teacher, batch):
-    """(logits, the input of the output layer): the hidden states the cache keeps, whatever the architecture."""
-    seen = []
-    hook = teacher.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
-    try:
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    finally:
-        hook.remove()
-    return logits, seen[0]
-
-
-def teacher_output_layer(teacher, temperature: float):
-    """(weight, bias) / tau of the output layer: new tensors (the student's own may be tied to weights that train),
-    divided once here rather than the logits every step."""
-    head = teacher.get_output_embeddings()
-    return head.weight.detach() / temperature, None if head.bias is None else head.bias.detach() / temperature
-
-
-def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> bool:
-    """Whether logits == output layer(last hidden state) on the first training example (not so for soft-capped or
-    rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact; with from_base_model, also
-    whether the base model alone returns that hidden state (so a live teacher may stop there)."""
-    head = teacher.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or batches is None:  # no example to check on: the plain path
-        return False
-    if from_base_model and teacher.base_model is teacher:
-        return False
-    teacher.eval()
-    device = head.weight.device
-    first = batches.batch_of([0]) if isinstance(batches, QABatches) else next(iter(batches(torch.Generator().manual_seed(0))))
-    batch = {k: v[:1].to(device) for k, v in first.items()}
-    logits, hidden = teacher_forward_with_hidden(teacher, batch)
-    same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
-                                                                     logits.float(), rtol=1e-4, atol=1e-4)
-    if same and from_base_model:
-        same = torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
-    return same
-
-
-@torch.no_grad()
-def teacher_last_hidden(teacher, batch):
-    """The teacher's last hidden states from its base model, without running its output layer."""
-    return teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-
-
-def output_layer_separable(teacher, batches) -> bool:
-    """Whether a live teacher may skip its output layer at prompt tokens: its logits are its output layer on its last
-    hidden states, and its base model returns those states (both checked on the first training example)."""
-    return logits_from_last_hidden(teacher, batches, from_base_model=True)
-
-
-@torch.no_grad()
-def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
-    """The teacher on every answer token of the training set, computed once.
-
-    Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
-    a batch in any order finds its rows by its examples' "index". mode: hidden (exact): the teacher's last hidden
-    states, each with the log-normaliser of its logits at tau (float32), and its output layer / tau in "head";
-    fp32 (exact) or bf16 full-vocabulary log-probabilities at tau; topk: the teacher_topk largest log-probabilities,
-    their token ids and the tail's log-mass."""
-    if not isinstance(batches, QABatches):
-        raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    separable = output_layer_separable(teacher, batches)  # then the output layer runs on the answer tokens alone
-    rows, ids, offsets = [], [], [0]
-    for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
-        batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"][:, 1:]
-        answer = labels != -100
-        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
-        if separable:  # [N, d] and [N, V] at the answer tokens only
-            hidden = teacher_last_hidden(teacher, batch)[:, :-1][answer]
-            logits = teacher.get_output_embeddings()(hidden)
-        else:
-            logits, hidden = teacher_forward_with_hidden(teacher, batch)
-            logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
-        if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
-            log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
-            continue
-        log_p = F.log_softmax(logits.float() / cfg.temperature, dim=-1)
-        if mode == "topk":
-            top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
-            log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([top, log_tail], dim=-1))
-            ids.append(top_ids.int())
-        else:
-            rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
-    cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
-             "head": teacher_output_layer(teacher, cfg.temperature) if mode == "hidden" else None}
-    tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
-               f"{teacher_cache_bytes(cache) / 2**20:.1f} MB")
-    return cache
-
-
-def teacher_cache_bytes(cache: dict) -> int:
-    tensors = [cache["rows"], cache["ids"], *(cache["head"] or ())]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def cached_teacher_rows(cache: dict, index: torch.Tensor):
-    """The cached rows of a batch's examples, in the order of the batch's answer tokens: (rows, ids or None)."""
-    offsets = cache["offsets"]
-    rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["rows"].device)
-    return cache["rows"][rows], None if cache["ids"] is None else cache["ids"][rows]
-
-
 def l2_pull(model, anchor: list[torch.Tensor]) -> torch.Tensor:
     """||theta - theta_teacher||^2 over the trainable parameters: the weight-space control."""
     return sum(((p - a) ** 2).sum() for p, a in zip(trainable_parameters(model), anchor))
-
-
-# Parameter groups by module structure, so that they mean the same on every decoder-only architecture: the decoder
-# blocks are the base model's list of layers; in each block the attention is the child the block calls for
-# self-attention (an *Attention* / *Attn* class, or the one holding q/k/v or fused qkv projections) and the
-# feed-forward is the *MLP* / *FeedForward* / *MoE* child (experts and router included) or Linear layers sitting
-# directly on the block (OPT's fc1, fc2). Norms are a group of their own, in no other: a block's layer norms,
-# the q/k norms inside attention (Qwen3, OLMo-2, Gemma-3), the final norm, so attention-only and MLP-only both
-# keep them frozen. What fits nowhere (e.g. a state-space mixer) is in no group and trains only under all / a regex.
-PARAM_GROUPS = {
-    "attn": "each block's self-attention: q/k/v/o or fused qkv projections, without the q/k norms",
-    "mlp": "each block's feed-forward: MLP, MoE experts and router, or Linear layers directly on the block",
-    "embed": "input embeddings, learned position embeddings and the output layer (one matrix when tied)",
-    "norm": "every normalisation layer: in the blocks, q/k norms inside attention, the final norm",
-    "all": "every parameter",
-}
-ATTENTION_CLASS = re.compile(r"attention|attn", re.I)
-FEED_FORWARD_CLASS = re.compile(r"mlp|feedforward|ffn|moe|expert", re.I)
-ATTENTION_PROJECTION = re.compile(r"^(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|wqkv)\.", re.I)
-FEED_FORWARD_PROJECTION = re.compile(r"^(up_proj|down_proj|gate_proj|gate_up_proj|fc1|fc2|fc_in|c_fc|w1|w2|w3|dense_h_to_4h)\.", re.I)
-
-
-def is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, CohereLayerNorm, ...
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks (model.layers, transformer.h, model.decoder.layers, ...): the shallowest ModuleList."""
-    lists = [(name.count("."), module) for name, module in model.named_modules()
-             if isinstance(module, torch.nn.ModuleList) and len(module)]
-    if not lists:
-        raise UserError(f"--trainable: {type(model).__name__} has no list of decoder blocks; pass a regex on parameter names")
-    return min(lists, key=lambda depth_and_list: depth_and_list[0])[1]
-
-
-def block_child_group(child) -> str | None:
-    """attn, mlp or norm for a child module of a decoder block; None when it is none of them."""
-    if is_norm(child):
-        return "norm"
-    names = [n for n, _ in child.named_parameters()]
-    if ATTENTION_CLASS.search(type(child).__name__) or any(ATTENTION_PROJECTION.match(n) for n in names):
-        return "attn"
-    if FEED_FORWARD_CLASS.search(type(child).__name__) or any(FEED_FORWARD_PROJECTION.match(n) for n in names):
-        return "mlp"
-    return "mlp" if isinstance(child, torch.nn.Linear) else None  # a feed-forward layer directly on the block
-
-
-def parameter_groups(model) -> dict[str, str | None]:
-    """{parameter name: attn | mlp | embed | norm | None}, decided by module structure (see PARAM_GROUPS)."""
-    group_of = {}  # id(parameter) -> group; the first claim wins (a tied output layer is the input embedding)
-
-    def claim(module, group):
-        for sub in module.modules():
-            for p in sub.parameters(recurse=False):
-                group_of.setdefault(id(p), "norm" if is_norm(sub) else group)
-    for block in decoder_blocks(model):
-        for child in block.children():
-            claim(child, block_child_group(child))
-    claim(model.get_input_embeddings(), "embed")
-    if model.get_output_embeddings() is not None:
-        claim(model.get_output_embeddings(), "embed")
-    for module in model.modules():  # the rest: learned position embeddings (GPT-2's wpe, OPT's embed_positions), norms
-        for p in module.parameters(recurse=False):
-            group_of.setdefault(id(p), "embed" if isinstance(module, torch.nn.Embedding) else "norm" if is_norm(module) else None)
-    return {name: group_of.get(id(p)) for name, p in model.named_parameters()}
-
-
-def chosen_parameter_names(model, spec: str) -> list[str]:
-    """The names --trainable picks: 'attn,mlp' -> those groups; 'layers:0,1' -> the blocks 0 and 1; else a regex."""
-    if not spec.strip():
-        raise UserError(f"--trainable is empty; name a group ({', '.join(PARAM_GROUPS)}), layers:0,1, or a regex")
-    named = list(model.named_parameters())
-    if spec.startswith("layers:"):
-        numbers = [n.strip() for n in spec[len("layers:"):].split(",")]
-        if not all(n.isdigit() for n in numbers):
-            raise UserError(f"--trainable {spec!r}: write layers as layers:0,1")
-        blocks = decoder_blocks(model)
-        if max(map(int, numbers)) >= len(blocks):
-            raise UserError(f"--trainable {spec!r}: this model has {len(blocks)} blocks, layers:0 to layers:{len(blocks) - 1}")
-        inside = {id(p) for n in numbers for p in blocks[int(n)].parameters()}
-        return [name for name, p in named if id(p) in inside]
-    groups = [s.strip() for s in spec.split(",")]
-    if all(g in PARAM_GROUPS for g in groups):
-        group_of = parameter_groups(model)
-        return [name for name, _ in named if "all" in groups or group_of[name] in groups]
-    try:
-        pattern = re.compile(spec)
-    except re.error as e:
-        raise UserError(f"--trainable {spec!r} is neither a group ({', '.join(PARAM_GROUPS)}) nor a valid regex ({e})") from None
-    return [name for name, _ in named if pattern.search(name)]
 
 
 def set_trainable(model, spec: str) -> list[str]:
@@ -1237,107 +768,6 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / max(train_seconds, 1e-9)}
 
 
-# Checkpoints for --resume, written per stage so that a 7B run can afford them: the teacher once after stage 1,
-# each method's result when it finishes, and the student after each stage-2 epoch only where that is cheap
-# (--epoch_checkpoints): at 7B weights + AdamW state are ~85 GB and minutes to write. At most one student
-# checkpoint exists: the last is deleted before the next is written, so a run killed in between restarts that
-# method from the teacher, which gives the same numbers (seeded). Each is a folder written under a temporary
-# name and then renamed into place, so a killed write leaves no half checkpoint. Weights are safetensors; the
-# optimizer and RNG states are plain tensors, read back with torch.load(weights_only=True), which cannot run code.
-EPOCH_CHECKPOINTS = ("auto", "always", "never")
-MORE_SPACE = "free some space or choose another --out"
-LESS_SPACE = "free some space, choose another --out, or pass --epoch_checkpoints never (with --resume, the run goes on)"
-
-
-def model_bytes(model) -> int:
-    """About what save_model writes: every parameter (a tied one once) and buffer."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-
-def epoch_checkpoint_bytes(model) -> int:
-    """One epoch checkpoint: the weights and AdamW's two moments of every trainable weight."""
-    return model_bytes(model) + 2 * sum(p.numel() * p.element_size() for p in trainable_parameters(model))
-
-
-def saves_epoch_checkpoints(model, cfg: Config) -> bool:
-    """--epoch_checkpoints: always, never, or auto: while one is at most --epoch_checkpoint_max_mb."""
-    if cfg.epoch_checkpoints == "auto":
-        return epoch_checkpoint_bytes(model) <= cfg.epoch_checkpoint_max_mb * 2**20
-    return cfg.epoch_checkpoints == "always"
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def check_free_space(folder: Path, needed: int, what: str, fix: str, reclaimed: int = 0):
-    """Refuse, before writing anything, a checkpoint the disk cannot hold (counting what will be deleted first)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # it may not be created yet
-    free = shutil.disk_usage(existing).free + reclaimed
-    if needed > free:
-        raise UserError(f"{what} needs {needed / 1e9:.3g} GB in {folder} but its disk has {free / 1e9:.3g} GB free; {fix}")
-
-
-def save_folder_atomic(folder: Path, write):
-    """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    write(tmp)
-    if folder.exists():  # rename(2) cannot replace a non-empty folder
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict):
-    """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs.
-    It replaces the last one, which is deleted first (once the disk is known to hold the new one)."""
-    from safetensors.torch import save_model
-
-    old = list(checkpoint_dir.glob("epoch-*"))
-    check_free_space(checkpoint_dir, epoch_checkpoint_bytes(model), "the student's epoch checkpoint", LESS_SPACE,
-                     reclaimed=sum(map(folder_bytes, old)))
-    for path in old:
-        shutil.rmtree(path)
-
-    def write(tmp: Path):
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
-
-    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
-
-
-def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
-    found = sorted(checkpoint_dir.glob("epoch-*")) if checkpoint_dir is not None else []
-    return found[-1] if found else None
-
-
-def read_checkpoint_state(checkpoint_dir: Path | None) -> dict | None:
-    latest = latest_checkpoint(checkpoint_dir)
-    return json.loads((latest / "state.json").read_text()) if latest is not None else None
-
-
-def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
-    from safetensors.torch import load_model
-
-    device = next(model.parameters()).device
-    load_model(model, path / "model.safetensors", device=str(device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "state.json").read_text())
-    version, internal, gauss = state["python_random"]
-    random.setstate((version, tuple(internal), gauss))
-    return state
-
-
 # =====================================================================================================
 # 5. Stage 1: task-format learning on D_known; its snapshot is the frozen teacher
 # =====================================================================================================
@@ -1400,22 +830,6 @@ def freeze_as_teacher(model):
     return model
 
 
-@contextlib.contextmanager
-def teacher_off_device(teacher, loss_fn):
-    """While a loss that does not read the teacher trains (a cached teacher, sft, l2, ...), the teacher waits in CPU
-    memory and comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
-    device = next(teacher.parameters()).device
-    away = device.type != "cpu" and not getattr(loss_fn, "needs_teacher", False)
-    if away:
-        teacher.to("cpu")
-        torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        if away:
-            teacher.to(device)
-
-
 # =====================================================================================================
 # 6. Stage 2: factual SFT on D_known + D_unknown; a method changes the loss and what trains, nothing else
 # =====================================================================================================
@@ -1460,84 +874,6 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
         anchor = [p.detach().clone() for p in trainable_parameters(student)]
         return lambda logits, targets, batch: next_token_loss(logits, targets) + cfg.l2_weight * l2_pull(student, anchor)
     return next_token_loss  # sft, freeze, known_only
-
-
-# --- The memory plan: what stage 2 will hold at its peak, against what the device has -------------------------
-@dataclass
-class MemoryPlan:
-    """Bytes at the peak of a stage-2 step (estimates: the tensors' sizes, activations by a per-block count)."""
-    weights: int  # the student, float32 master weights
-    gradients: int
-    optimizer: int  # AdamW: two float32 moments per trainable weight
-    teacher: int  # a live teacher's weights, the teacher cache, l2's anchor, a teacher left in the same memory
-    activations: int  # what the backward pass keeps, at the longest batch
-    logits: int  # answer tokens x vocabulary: the logits, their float32 log-probabilities and gradient
-    available: int  # the device's free memory plus what the teacher already holds there
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
-
-    def line(self) -> str:
-        gb = lambda x: f"{x / 2**30:.2f} GB" if x >= 2**30 else f"{x / 2**20:.1f} MB"  # noqa: E731
-        parts = ("weights", "gradients", "optimizer", "teacher", "activations", "logits")
-        return "memory plan: " + ", ".join(f"{k} {gb(getattr(self, k))}" for k in parts) + \
-            f" = {gb(self.total)} of {gb(self.available)} available"
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Free memory of the device: CUDA's free bytes, or a CPU's MemAvailable (/proc/meminfo)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise UserError("cannot read MemAvailable from /proc/meminfo to plan memory")
-
-
-def activation_bytes(model, tokens: int, cfg: Config, act_bytes: int) -> int:
-    """Per block and token the backward pass keeps ~10 hidden-wide and 4 MLP-wide tensors (norms, q/k/v, attention
-    output, residuals, MLP input/gate/up/product); with checkpointing, one hidden-wide input per block plus one block."""
-    c = model.config
-    d, layers = c.hidden_size, c.num_hidden_layers
-    mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
-    block = tokens * (10 * d + 4 * mlp) * act_bytes
-    return tokens * d * act_bytes * layers + block if cfg.gradient_checkpointing else block * layers
-
-
-def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> MemoryPlan:
-    """The largest stage-2 run among `runs` ((method, trainable) pairs) at cfg.batch_size on `device`."""
-    n = count_params(teacher)
-    trainable = max(sum(teacher.get_parameter(name).numel() for name in chosen_parameter_names(teacher, t))
-                    if m == "freeze" else n for m, t in runs)
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    vocab, d = teacher.get_output_embeddings().weight.shape
-    act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
-    examples = [batches.batch_of([i]) for i in range(batches.size)]
-    longest = max(e["input_ids"].shape[1] for e in examples)
-    answers = max(int((e["labels"][0, 1:] != -100).sum()) for e in examples) * cfg.batch_size
-    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
-    extra = [kept]
-    if any(m == "l2" for m, _ in runs):
-        extra.append(kept + trainable * 4)
-    if any(m == "selfdistill" for m, _ in runs):
-        mode = teacher_cache_mode(teacher, batches, cfg)
-        row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
-        extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
-    separable = output_layer_separable(teacher, batches)
-    logit_rows = answers if separable else longest * cfg.batch_size
-    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
-                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
-                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
-                      available=device_memory_bytes(device) + teacher_bytes)
-
-
-def check_memory_plan(plan: MemoryPlan):
-    print(plan.line())
-    if plan.total > 1.1 * plan.available:
-        raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
-                        f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
-                        f"extra), or use several GPUs")
 
 
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
@@ -1585,11 +921,6 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
     return result
 
 
-def drop_epoch_checkpoints(checkpoint_dir: Path):
-    for old in checkpoint_dir.glob("epoch-*"):
-        shutil.rmtree(old)
-
-
 def relative_drop(before: float, after: float) -> float | None:
     """Forgetting: the relative drop of D_held accuracy; undefined (None) when nothing was known."""
     return (before - after) / before if before > 0 else None
@@ -1622,63 +953,166 @@ def abstention(model, tokenizer, eval_sets: dict, cfg: Config) -> dict:
     return rates
 
 
-# --sweep: the stability-plasticity frontier. Each swept field belongs to the method it changes.
-SWEEPABLE = {"kl_weight": "selfdistill", "temperature": "selfdistill", "l2_weight": "l2"}
+# =====================================================================================================
+# 6b. Results: results.json, results.md laid out like the paper's Table 1
+# =====================================================================================================
+def pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def parse_sweep(spec: str) -> tuple[str, list[float]]:
-    """'kl_weight=0,0.25,1' -> ('kl_weight', [0.0, 0.25, 1.0])."""
-    name, _, values = (s.strip() for s in spec.partition("="))
-    if name not in SWEEPABLE or not values:
-        raise UserError(f"--sweep {spec!r}: write NAME=v1,v2,... with NAME one of {', '.join(SWEEPABLE)}, e.g. kl_weight=0,0.25,1,4,16")
-    try:
-        numbers = [float(v) for v in values.split(",")]
-    except ValueError:
-        raise UserError(f"--sweep {spec!r}: the values must be numbers separated by commas, e.g. {name}=0,1,4") from None
-    if len(set(numbers)) != len(numbers):
-        raise UserError(f"--sweep {spec!r} repeats a value; list each value once")
-    if any(v < 0 or not math.isfinite(v) for v in numbers) or (name == "temperature" and min(numbers) <= 0):
-        raise UserError(f"--sweep {spec!r}: {name} values must be finite and {'> 0' if name == 'temperature' else '>= 0'}")
-    return name, numbers
+def table1(rows: list[dict]) -> str:
+    """Markdown table in the layout of the paper's Table 1 (accuracy % on D_known / D_unknown / D_held)."""
+    lines = ["| method | trainable | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
+        lines.append(f"| {r['method']} | {r.get('trainable') or 'all'} | {pct(r['final']['known_acc'])} | {pct(new)} | "
+                     f"{pct(r['final']['held_acc'])} | {pct(r['forgetting'])} | {pct(r.get('excess_forgetting'))} |")
+    return "\n".join(lines) + "\n"
 
 
-def sweep_runs(cfg: Config) -> list[tuple[str, str, float | None, Config]]:
-    """(folder, method, swept value or None, config) of every run of a sweep: each value, then the
-    controls at their configured settings (known_only, sft, and the other regulariser)."""
-    name, values = parse_sweep(cfg.sweep)
-    method = SWEEPABLE[name]
-    runs = [(f"{method}-{name}{v:g}", method, v, replace(cfg, **{name: v})) for v in values]
-    controls = ("known_only", "sft", "l2" if method == "selfdistill" else "selfdistill")
-    return runs + [(control, control, None, cfg) for control in controls]
-
-
-def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dict, cfg: Config, folders: dict,
-              checkpoints: Path | None = None) -> dict:
-    """Stage 2 once per swept value and once per control, every run from the same teacher; then the frontier."""
-    name, _ = parse_sweep(cfg.sweep)
-    runs = sweep_runs(cfg)
-    results = []
-    for folder, method, value, run_cfg in runs:
-        result = run_method(method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
-                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None,
-                            save_to=folders[folder] / "model" if cfg.save_model else None)
-        results.append({**result, **common, "run": folder, "sweep_value": value})
-    control = next(r for r in results if r["method"] == "known_only")
-    for result, (folder, _, _, run_cfg) in zip(results, runs):
-        result["excess_forgetting"] = excess_forgetting(result, control)
-        write_results(folders[folder], result, run_cfg)
-    write_sweep_report(run_root(cfg), name, results, teacher_scores, cfg)
-    return {"results": results, "teacher": teacher_scores}
+def write_results(out: Path, result: dict, cfg: Config):
+    # The config of this folder's run: with --method all, its own method and trainable groups, not "all"
+    write_json_atomic(out / "config.json", asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)))
+    write_text_atomic(out / "results.md", f"# {run_name(result['method'], result['trainable'])} (seed {cfg.seed})\n\n"
+                      f"Teacher: D_known {pct(result['teacher']['known_acc'])}, D_unknown {pct(result['teacher']['unknown_acc'])}, "
+                      f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result]))
+    write_json_atomic(out / "results.json", result)  # last: its presence marks a finished run
 
 
 # =====================================================================================================
-# 7. Why SFT forgets: the hypothesis experiments (capacity, behaviour cloning, localized interference)
+# main: data -> base model -> SliCK split -> stage 1 teacher -> stage 2 method(s) -> report
+# =====================================================================================================
+@dataclass
+class Study:
+    """What stage 2 starts from, prepared once: the data, the base model's SliCK split, the stage-1 teacher."""
+    data_dir: Path
+    facts: list[dict]
+    world: dict
+    tokenizer: object
+    model_id: str
+    pool: list[dict]  # the categorised facts
+    categories: dict[str, str]  # fact id -> SliCK category
+    category_counts: dict[str, int]
+    splits: dict[str, list[dict]]  # known, unknown, held, val
+    eval_sets: dict[str, list[dict]]  # the fixed evaluation subsets of the splits
+    teacher: object
+    stage1: dict
+    teacher_scores: dict[str, float]
+    base: object = None  # with keep_base: the experiments measure drift against the base model
+    # the experiments' (run_experiments): the teacher's width, the base model's held-out entity states, its drift
+    width: int = 0
+    reference_states: torch.Tensor | None = None
+    teacher_measure: dict | None = None
+
+
+def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> Study:
+    """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
+    data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
+    if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
+        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
+                        f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
+    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
+        print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
+        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
+    facts, world = load_facts(data_dir)
+
+    # 2. The base model
+    base, tokenizer, model_path = load_base_model(cfg, data_dir, world, device)
+    model_id = str(model_path) if cfg.model else model_path.name
+
+    # 3. SliCK categories of the base model's knowledge, then the splits. UUID-key facts are kept for the
+    # hypothesis experiments; the main study's new facts have name-like keys, as in the paper.
+    pool = category_pool(facts, cfg)
+    categories = cached_categories(base, tokenizer, pool, cfg, model_path)
+    category_counts = {c: sum(v == c for v in categories.values()) for c in CATEGORIES}
+    print("SliCK categories of the base model: " + ", ".join(f"{c} {n}" for c, n in category_counts.items()))
+    rng = random.Random(cfg.seed)
+    splits = split_facts(pool, categories, cfg, rng)
+    eval_sets = eval_subsets(splits, cfg, rng)
+    print("splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+
+    # 5. Stage 1: the teacher
+    seed_everything(cfg.seed)
+    teacher, stage1 = learn_task_format(base, tokenizer, splits, cfg, checkpoint_dir)
+    teacher_scores = evaluate(teacher, tokenizer, eval_sets, cfg)
+    print("teacher (after task-format learning): " + "  ".join(f"{k} {v:.3f}" for k, v in teacher_scores.items()))
+    return Study(data_dir, facts, world, tokenizer, model_id, pool, categories, category_counts, splits, eval_sets,
+                 teacher, stage1, teacher_scores, base if keep_base else None)
+
+
+def main(cfg: Config) -> dict:
+    wall_start = time.perf_counter()
+    if cfg.experiment:  # 7. the hypothesis experiments: their own conditions from the same teacher path
+        return run_experiments(cfg)
+    if cfg.audit or cfg.screen:  # 7b. the practitioners' tools
+        return run_audit(cfg) if cfg.audit else run_screen(cfg)
+    folders = output_folders(cfg)
+    checkpoints = run_root(cfg) / "checkpoints"
+    check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
+
+    study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
+    tokenizer, splits, eval_sets, teacher, teacher_scores = study.tokenizer, study.splits, study.eval_sets, study.teacher, study.teacher_scores
+
+    # 6. Stage 2, one method or all of them from the same teacher
+    runs = ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable if cfg.method == "freeze" else None),)
+    common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({study.model_id})",
+              "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": study.category_counts,
+              "slick_vs_truth": slick_vs_truth(study.pool, study.categories), "stage1": study.stage1,
+              "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
+    if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
+        save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
+    train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
+    check_memory_plan(memory_plan(teacher, qa_batches(tokenizer, train_facts, cfg.batch_size), ALL_RUNS if cfg.sweep else runs,
+                                  cfg, device))
+    if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
+        report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
+        drop_checkpoints(checkpoints, cfg)
+        return report
+    results = []
+    for method, trainable in runs:
+        result = {**run_method(method, trainable, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg,
+                               checkpoint_dir=checkpoints / run_name(method, trainable),
+                               save_to=folders[run_name(method, trainable)] / "model" if cfg.save_model else None), **common}
+        results.append(result)
+    control = next((r for r in results if r["method"] == "known_only"), None)
+    for result in results:
+        result["excess_forgetting"] = excess_forgetting(result, control)
+        result["wall_s"] = time.perf_counter() - wall_start
+        write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
+
+    # 8. Report
+    table = table1(results)
+    print("\n" + table)
+    if cfg.method == "all":
+        root = run_root(cfg)
+        write_text_atomic(root / "summary.md", f"# sftguard --method all, preset {cfg.preset}, seed {cfg.seed}\n\n"
+                          f"Teacher: D_known {pct(teacher_scores['known_acc'])}, D_unknown {pct(teacher_scores['unknown_acc'])}, "
+                          f"D_held {pct(teacher_scores['held_acc'])}\n\nAccuracy % after stage 2 ({cfg.epochs} epochs); forgetting is "
+                          f"the relative drop of D_held accuracy from the teacher.\n\n" + table)
+    drop_checkpoints(checkpoints, cfg)
+    print(f"results in {', '.join(str(f) for f in folders.values())}  ({time.perf_counter() - wall_start:.0f} s)")
+    return {"results": results, "teacher": teacher_scores}
+
+
+# #####################################################################################################
+# PART II. WHY SFT FORGETS: the paper's hypothesis experiments (capacity, behaviour cloning, localized interference).
+#   Each condition is stage 2 from the Part I teacher; representation drift and the gradient-matched L2 control.
+# #####################################################################################################
+
+
+# =====================================================================================================
+# 7. Why SFT forgets: new facts keyed by name-like or UUID entities, drift, the L2 control, the three experiments
 # =====================================================================================================
 # New facts on one relation, keyed by fresh entities of two kinds: name-like keys that recombine the
 # sub-word pieces of known names, and UUID keys (digit codes) that share no token with them. Each
 # condition is stage 2 from the same teacher on D_known + those new facts; it is scored by forgetting
 # on D_held, accuracy on the new facts, and drift of the held-out entities' hidden states.
 EXPERIMENTS = ("interference", "capacity", "cloning")
+
+
 KEY_TYPES = ("name", "uuid")
 
 
@@ -1999,6 +1433,9 @@ def run_experiments(cfg: Config) -> dict:
     return results
 
 
+# =====================================================================================================
+# 7b. The experiments' report: tables that read like the paper's, the checks, the plots
+# =====================================================================================================
 # --- The experiments' report: tables that read like the paper's, the checks, the plots ------------------------
 def pct2(x) -> str:
     """Drift is small in a small model: two decimals."""
@@ -2183,8 +1620,1098 @@ def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: 
     return "\n".join(parts)
 
 
+# #####################################################################################################
+# PART III. ENGINEERING: skip on a first read.
+#   The same self-distillation loss, fast (tested equal to Eq. 1-2), precision and memory, checkpoints and atomic
+#   writes, output folders, input checks, repeated runs (--sweep, --seeds), the practitioners' tools, the command line.
+# #####################################################################################################
+
+
 # =====================================================================================================
-# 7b. Practitioners' tools: audit a fine-tune for forgetting, screen an SFT set, the paper's loss in a Trainer
+# 8. The fast self-distillation path and the teacher caches (tests/test_distill_fast.py: equal to Eq. 1-2)
+# =====================================================================================================
+# The same loss, fast. Cross-entropy and KL are taken together a chunk of answer tokens at a time, and their
+# gradient is written out in that same pass, so the backward pass recomputes nothing and no full-vocabulary
+# probabilities outlive their chunk: the one [answer tokens, vocabulary] tensor kept is the gradient, where plain
+# cross-entropy keeps its log-probabilities (and a copy of the answer tokens' logits while it runs). And since the
+# stage-2 inputs are fixed and the teacher frozen, the teacher's answer tokens can be computed once
+# (build_teacher_cache) instead of by a forward pass every step: as its last hidden states (the default; its
+# log-probabilities are one matmul with its output layer away) or as log-probabilities. A live teacher, too, runs
+# its output layer on the answer tokens alone where the model allows (output_layer_separable).
+# tests/test_distill_fast.py checks loss and gradients against self_distillation_loss.
+def self_distillation_loss_chunked(student_logits, teacher_rows, targets, kl_weight: float, temperature: float,
+                                   chunk: int, teacher_ids=None, teacher_head=None):
+    """Eq. 1-2 as in self_distillation_loss (student_logits [N, V], targets [N]), with the teacher given one row per
+    answer token, as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at tau, or with
+    teacher_head (an output layer) hidden states, with or without log-normalisers. Returns (loss, kl)."""
+    if len(targets) != len(teacher_rows):
+        raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(targets)} answer tokens: "
+                           f"the teacher cache was built for other examples than this batch")
+    return ChunkedSelfDistillation.apply(student_logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight,
+                                         temperature, chunk)
+
+
+class ChunkedSelfDistillation(torch.autograd.Function):
+    """(CE + kl_weight * tau^2 * KL, KL) over the N answer tokens (logits [N, V], targets [N]), `chunk` rows at a time,
+    each taken to float32 only then, with the gradient computed in the forward pass:
+        d loss / d logits = [softmax(z) - onehot(y) + kl_weight * tau * (p_student^tau - q)] / N.
+
+    q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
+    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
+    teacher_head = (weight, bias) such that F.linear(row, weight, bias) are its logits at tau (the cache: its output
+    layer / tau, rows its last hidden states; a live teacher: its own weight and bias / tau, rows hidden / tau, so
+    nothing is copied), rows [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at tau in
+    a last column [N, d + 1] (the cache: one pass fewer), turned into log-probabilities a chunk at a time. The KL
+    output is for logging: it carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float, temperature: float,
+                chunk: int):
+        n = max(len(targets), 1)
+        grad = torch.empty(len(targets), logits.shape[-1], device=logits.device)  # d loss / d answer-token logits
+        ce, kl = torch.zeros((), device=logits.device), torch.zeros((), device=logits.device)
+        for start in range(0, len(targets), chunk):  # each line below is one or two passes over a [chunk, V] block
+            rows = slice(start, start + chunk)
+            z, y = logits[rows].float(), targets[rows]
+            picked = (torch.arange(len(y), device=y.device), y)  # each row's target token
+            log_p_tau = F.log_softmax(z / temperature, dim=-1)
+            log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows)
+            q = log_q.exp()
+            kl += q.view(-1).dot(log_q.view(-1)) - q.view(-1).dot(log_p_tau.view(-1))  # sum q (log q - log p), no copy
+            del log_q  # one [chunk, V] block fewer alive for the rest of the chunk
+            log_sum_exp = z.logsumexp(-1)
+            ce += (log_sum_exp - z[picked]).sum()
+            # softmax(z) / n, written straight into the gradient, then + kl_weight * tau * (p_tau - q) / n - onehot / n
+            torch.sub(z, (log_sum_exp + math.log(n))[:, None], out=grad[rows]).exp_()
+            grad[rows].add_(log_p_tau.exp_().sub_(q), alpha=kl_weight * temperature / n)
+            grad[rows][picked] -= 1 / n
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        kl = kl / n
+        ctx.mark_non_differentiable(kl)
+        return ce / n + kl_weight * temperature**2 * kl, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kl):
+        grad, = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None, None, None
+
+
+def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
+    """log q, the teacher at tau, on the given rows, in float32 (log_p_student: the student's, for the top-k tail)."""
+    if teacher_head is not None:  # the output layer at tau on hidden states, less their log-normaliser if it is given
+        weight, bias = teacher_head
+        logits = F.linear(teacher_rows[rows, :weight.shape[1]].to(weight.dtype), weight, bias).float()
+        if teacher_rows.shape[1] == weight.shape[1]:
+            return F.log_softmax(logits, dim=-1)
+        return logits.sub_(teacher_rows[rows, -1:])
+    if teacher_ids is None:
+        return teacher_rows[rows].float()
+    return teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
+
+
+def teacher_target(log_p_student, top_and_tail, ids):
+    """Top-k + tail bucket: the teacher's k most likely tokens exactly, and its remaining mass spread over the other
+    tokens in the student's proportions. KL to this q is the KL over k + 1 bins (top-k tokens, the tail), a lower
+    bound of the full KL that equals it when the teacher's tail has the student's shape."""
+    log_tail_teacher = top_and_tail[:, -1:].clamp_min(-1e4)  # -inf when the top-k hold all the mass
+    log_tail_student = log_p_student.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp_min(-1e4)
+    return (log_p_student + log_tail_teacher - log_tail_student).scatter(-1, ids, top_and_tail[:, :-1])
+
+
+def teacher_answer_log_probs(teacher_logits, labels, temperature: float):
+    """log p_teacher^tau at the answer tokens, one row per token in the order of labels != -100."""
+    return F.log_softmax(teacher_logits[labels != -100].float() / temperature, dim=-1)
+
+
+def teacher_cache_mode(teacher, batches, cfg: Config) -> str:
+    """cfg.teacher_cache, with auto resolved to the most compact exact cache: hidden if the teacher's logits are its
+    output layer on its last hidden state (checked on one example), else fp32 if it fits in teacher_cache_max_mb,
+    else live."""
+    if cfg.teacher_cache == "hidden" and not logits_from_last_hidden(teacher, batches):
+        raise UserError("--teacher_cache hidden: this model's logits are not its output layer applied to its last hidden "
+                        "state (e.g. soft-capped or scaled logits); use --teacher_cache fp32 or live")
+    if cfg.teacher_cache != "auto":
+        return cfg.teacher_cache
+    if not isinstance(batches, QABatches):  # no training set to cache
+        return "live"
+    if logits_from_last_hidden(teacher, batches):
+        return "hidden"
+    cache_bytes = batches.answer_tokens * teacher.get_output_embeddings().weight.shape[0] * 4
+    return "fp32" if cache_bytes <= cfg.teacher_cache_max_mb * 2**20 else "live"
+
+
+@torch.no_grad()
+def teacher_forward_with_hidden(teacher, batch):
+    """(logits, the input of the output layer): the hidden states the cache keeps, whatever the architecture."""
+    seen = []
+    hook = teacher.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        hook.remove()
+    return logits, seen[0]
+
+
+def teacher_output_layer(teacher, temperature: float):
+    """(weight, bias) / tau of the output layer: new tensors (the student's own may be tied to weights that train),
+    divided once here rather than the logits every step."""
+    head = teacher.get_output_embeddings()
+    return head.weight.detach() / temperature, None if head.bias is None else head.bias.detach() / temperature
+
+
+def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> bool:
+    """Whether logits == output layer(last hidden state) on the first training example (not so for soft-capped or
+    rescaled logits, as in Gemma 2 or Cohere), so that the hidden-state cache is exact; with from_base_model, also
+    whether the base model alone returns that hidden state (so a live teacher may stop there)."""
+    head = teacher.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or batches is None:  # no example to check on: the plain path
+        return False
+    if from_base_model and teacher.base_model is teacher:
+        return False
+    teacher.eval()
+    device = head.weight.device
+    first = batches.batch_of([0]) if isinstance(batches, QABatches) else next(iter(batches(torch.Generator().manual_seed(0))))
+    batch = {k: v[:1].to(device) for k, v in first.items()}
+    logits, hidden = teacher_forward_with_hidden(teacher, batch)
+    same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
+                                                                     logits.float(), rtol=1e-4, atol=1e-4)
+    if same and from_base_model:
+        same = torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
+    return same
+
+
+@torch.no_grad()
+def teacher_last_hidden(teacher, batch):
+    """The teacher's last hidden states from its base model, without running its output layer."""
+    return teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+
+
+def output_layer_separable(teacher, batches) -> bool:
+    """Whether a live teacher may skip its output layer at prompt tokens: its logits are its output layer on its last
+    hidden states, and its base model returns those states (both checked on the first training example)."""
+    return logits_from_last_hidden(teacher, batches, from_base_model=True)
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
+    """The teacher on every answer token of the training set, computed once.
+
+    Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
+    a batch in any order finds its rows by its examples' "index". mode: hidden (exact): the teacher's last hidden
+    states, each with the log-normaliser of its logits at tau (float32), and its output layer / tau in "head";
+    fp32 (exact) or bf16 full-vocabulary log-probabilities at tau; topk: the teacher_topk largest log-probabilities,
+    their token ids and the tail's log-mass."""
+    if not isinstance(batches, QABatches):
+        raise TypeError("a cached teacher is built on the training batches: pass method_loss the qa_batches it will see")
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    separable = output_layer_separable(teacher, batches)  # then the output layer runs on the answer tokens alone
+    rows, ids, offsets = [], [], [0]
+    for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
+        batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"][:, 1:]
+        answer = labels != -100
+        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
+        if separable:  # [N, d] and [N, V] at the answer tokens only
+            hidden = teacher_last_hidden(teacher, batch)[:, :-1][answer]
+            logits = teacher.get_output_embeddings()(hidden)
+        else:
+            logits, hidden = teacher_forward_with_hidden(teacher, batch)
+            logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
+        if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
+            log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
+            rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
+            continue
+        log_p = F.log_softmax(logits.float() / cfg.temperature, dim=-1)
+        if mode == "topk":
+            top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
+            log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
+            rows.append(torch.cat([top, log_tail], dim=-1))
+            ids.append(top_ids.int())
+        else:
+            rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
+    cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
+             "head": teacher_output_layer(teacher, cfg.temperature) if mode == "hidden" else None}
+    tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
+               f"{teacher_cache_bytes(cache) / 2**20:.1f} MB")
+    return cache
+
+
+def teacher_cache_bytes(cache: dict) -> int:
+    tensors = [cache["rows"], cache["ids"], *(cache["head"] or ())]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cached_teacher_rows(cache: dict, index: torch.Tensor):
+    """The cached rows of a batch's examples, in the order of the batch's answer tokens: (rows, ids or None)."""
+    offsets = cache["offsets"]
+    rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["rows"].device)
+    return cache["rows"][rows], None if cache["ids"] is None else cache["ids"][rows]
+
+
+@contextlib.contextmanager
+def teacher_off_device(teacher, loss_fn):
+    """While a loss that does not read the teacher trains (a cached teacher, sft, l2, ...), the teacher waits in CPU
+    memory and comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
+    device = next(teacher.parameters()).device
+    away = device.type != "cpu" and not getattr(loss_fn, "needs_teacher", False)
+    if away:
+        teacher.to("cpu")
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        if away:
+            teacher.to(device)
+
+
+# =====================================================================================================
+# 9. Parameter groups by module structure (what --trainable names mean on any architecture)
+# =====================================================================================================
+# Parameter groups by module structure, so that they mean the same on every decoder-only architecture: the decoder
+# blocks are the base model's list of layers; in each block the attention is the child the block calls for
+# self-attention (an *Attention* / *Attn* class, or the one holding q/k/v or fused qkv projections) and the
+# feed-forward is the *MLP* / *FeedForward* / *MoE* child (experts and router included) or Linear layers sitting
+# directly on the block (OPT's fc1, fc2). Norms are a group of their own, in no other: a block's layer norms,
+# the q/k norms inside attention (Qwen3, OLMo-2, Gemma-3), the final norm, so attention-only and MLP-only both
+# keep them frozen. What fits nowhere (e.g. a state-space mixer) is in no group and trains only under all / a regex.
+PARAM_GROUPS = {
+    "attn": "each block's self-attention: q/k/v/o or fused qkv projections, without the q/k norms",
+    "mlp": "each block's feed-forward: MLP, MoE experts and router, or Linear layers directly on the block",
+    "embed": "input embeddings, learned position embeddings and the output layer (one matrix when tied)",
+    "norm": "every normalisation layer: in the blocks, q/k norms inside attention, the final norm",
+    "all": "every parameter",
+}
+
+
+ATTENTION_CLASS = re.compile(r"attention|attn", re.I)
+FEED_FORWARD_CLASS = re.compile(r"mlp|feedforward|ffn|moe|expert", re.I)
+ATTENTION_PROJECTION = re.compile(r"^(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|wqkv)\.", re.I)
+FEED_FORWARD_PROJECTION = re.compile(r"^(up_proj|down_proj|gate_proj|gate_up_proj|fc1|fc2|fc_in|c_fc|w1|w2|w3|dense_h_to_4h)\.", re.I)
+
+
+def is_norm(module) -> bool:
+    return "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, CohereLayerNorm, ...
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks (model.layers, transformer.h, model.decoder.layers, ...): the shallowest ModuleList."""
+    lists = [(name.count("."), module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise UserError(f"--trainable: {type(model).__name__} has no list of decoder blocks; pass a regex on parameter names")
+    return min(lists, key=lambda depth_and_list: depth_and_list[0])[1]
+
+
+def block_child_group(child) -> str | None:
+    """attn, mlp or norm for a child module of a decoder block; None when it is none of them."""
+    if is_norm(child):
+        return "norm"
+    names = [n for n, _ in child.named_parameters()]
+    if ATTENTION_CLASS.search(type(child).__name__) or any(ATTENTION_PROJECTION.match(n) for n in names):
+        return "attn"
+    if FEED_FORWARD_CLASS.search(type(child).__name__) or any(FEED_FORWARD_PROJECTION.match(n) for n in names):
+        return "mlp"
+    return "mlp" if isinstance(child, torch.nn.Linear) else None  # a feed-forward layer directly on the block
+
+
+def parameter_groups(model) -> dict[str, str | None]:
+    """{parameter name: attn | mlp | embed | norm | None}, decided by module structure (see PARAM_GROUPS)."""
+    group_of = {}  # id(parameter) -> group; the first claim wins (a tied output layer is the input embedding)
+
+    def claim(module, group):
+        for sub in module.modules():
+            for p in sub.parameters(recurse=False):
+                group_of.setdefault(id(p), "norm" if is_norm(sub) else group)
+    for block in decoder_blocks(model):
+        for child in block.children():
+            claim(child, block_child_group(child))
+    claim(model.get_input_embeddings(), "embed")
+    if model.get_output_embeddings() is not None:
+        claim(model.get_output_embeddings(), "embed")
+    for module in model.modules():  # the rest: learned position embeddings (GPT-2's wpe, OPT's embed_positions), norms
+        for p in module.parameters(recurse=False):
+            group_of.setdefault(id(p), "embed" if isinstance(module, torch.nn.Embedding) else "norm" if is_norm(module) else None)
+    return {name: group_of.get(id(p)) for name, p in model.named_parameters()}
+
+
+def chosen_parameter_names(model, spec: str) -> list[str]:
+    """The names --trainable picks: 'attn,mlp' -> those groups; 'layers:0,1' -> the blocks 0 and 1; else a regex."""
+    if not spec.strip():
+        raise UserError(f"--trainable is empty; name a group ({', '.join(PARAM_GROUPS)}), layers:0,1, or a regex")
+    named = list(model.named_parameters())
+    if spec.startswith("layers:"):
+        numbers = [n.strip() for n in spec[len("layers:"):].split(",")]
+        if not all(n.isdigit() for n in numbers):
+            raise UserError(f"--trainable {spec!r}: write layers as layers:0,1")
+        blocks = decoder_blocks(model)
+        if max(map(int, numbers)) >= len(blocks):
+            raise UserError(f"--trainable {spec!r}: this model has {len(blocks)} blocks, layers:0 to layers:{len(blocks) - 1}")
+        inside = {id(p) for n in numbers for p in blocks[int(n)].parameters()}
+        return [name for name, p in named if id(p) in inside]
+    groups = [s.strip() for s in spec.split(",")]
+    if all(g in PARAM_GROUPS for g in groups):
+        group_of = parameter_groups(model)
+        return [name for name, _ in named if "all" in groups or group_of[name] in groups]
+    try:
+        pattern = re.compile(spec)
+    except re.error as e:
+        raise UserError(f"--trainable {spec!r} is neither a group ({', '.join(PARAM_GROUPS)}) nor a valid regex ({e})") from None
+    return [name for name, _ in named if pattern.search(name)]
+
+
+# =====================================================================================================
+# 10. Precision and the memory plan
+# =====================================================================================================
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class Precision:
+    """Mixed precision: the weights and optimizer state stay float32 (master weights); the forward pass runs under
+    autocast in `dtype` (None: float32 throughout); fp16 also scales the loss (GradScaler), as its range needs."""
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: "torch.amp.GradScaler | None" = None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def backward_and_step(self, loss, optimizer, params, grad_clip: float):
+        """loss.backward(), gradient clipping, optimizer.step(); fp16 scales the loss and unscales before clipping."""
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        # Autocast keeps its low-precision copies of the weights until its outermost context ends: under a caller's
+        # context around train() the next forward pass would use the weights from before this step.
+        torch.clear_autocast_cache()
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """--precision on this device; one that the device cannot run is a UserError (fp16 on a CPU, bf16 on a GPU without)."""
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        name = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if name == "fp16" and not cuda:
+        raise UserError("--precision fp16 needs a CUDA GPU (CPU autocast is bf16 only); use --precision bf16 or fp32")
+    if name == "bf16" and not bf16_ok:
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp16 or fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(device.type, dtype, torch.amp.GradScaler("cuda") if name == "fp16" else None)
+
+
+def model_precision(model, cfg: Config) -> Precision:
+    return resolve_precision(cfg.precision, next(model.parameters()).device)
+
+
+# --- The memory plan: what stage 2 will hold at its peak, against what the device has -------------------------
+@dataclass
+class MemoryPlan:
+    """Bytes at the peak of a stage-2 step (estimates: the tensors' sizes, activations by a per-block count)."""
+    weights: int  # the student, float32 master weights
+    gradients: int
+    optimizer: int  # AdamW: two float32 moments per trainable weight
+    teacher: int  # a live teacher's weights, the teacher cache, l2's anchor, a teacher left in the same memory
+    activations: int  # what the backward pass keeps, at the longest batch
+    logits: int  # answer tokens x vocabulary: the logits, their float32 log-probabilities and gradient
+    available: int  # the device's free memory plus what the teacher already holds there
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
+
+    def line(self) -> str:
+        gb = lambda x: f"{x / 2**30:.2f} GB" if x >= 2**30 else f"{x / 2**20:.1f} MB"  # noqa: E731
+        parts = ("weights", "gradients", "optimizer", "teacher", "activations", "logits")
+        return "memory plan: " + ", ".join(f"{k} {gb(getattr(self, k))}" for k in parts) + \
+            f" = {gb(self.total)} of {gb(self.available)} available"
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, or a CPU's MemAvailable (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("cannot read MemAvailable from /proc/meminfo to plan memory")
+
+
+def activation_bytes(model, tokens: int, cfg: Config, act_bytes: int) -> int:
+    """Per block and token the backward pass keeps ~10 hidden-wide and 4 MLP-wide tensors (norms, q/k/v, attention
+    output, residuals, MLP input/gate/up/product); with checkpointing, one hidden-wide input per block plus one block."""
+    c = model.config
+    d, layers = c.hidden_size, c.num_hidden_layers
+    mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+    block = tokens * (10 * d + 4 * mlp) * act_bytes
+    return tokens * d * act_bytes * layers + block if cfg.gradient_checkpointing else block * layers
+
+
+def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> MemoryPlan:
+    """The largest stage-2 run among `runs` ((method, trainable) pairs) at cfg.batch_size on `device`."""
+    n = count_params(teacher)
+    trainable = max(sum(teacher.get_parameter(name).numel() for name in chosen_parameter_names(teacher, t))
+                    if m == "freeze" else n for m, t in runs)
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    vocab, d = teacher.get_output_embeddings().weight.shape
+    act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
+    examples = [batches.batch_of([i]) for i in range(batches.size)]
+    longest = max(e["input_ids"].shape[1] for e in examples)
+    answers = max(int((e["labels"][0, 1:] != -100).sum()) for e in examples) * cfg.batch_size
+    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
+    extra = [kept]
+    if any(m == "l2" for m, _ in runs):
+        extra.append(kept + trainable * 4)
+    if any(m == "selfdistill" for m, _ in runs):
+        mode = teacher_cache_mode(teacher, batches, cfg)
+        row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
+        extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
+    separable = output_layer_separable(teacher, batches)
+    logit_rows = answers if separable else longest * cfg.batch_size
+    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
+                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
+                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
+                      available=device_memory_bytes(device) + teacher_bytes)
+
+
+def check_memory_plan(plan: MemoryPlan):
+    print(plan.line())
+    if plan.total > 1.1 * plan.available:
+        raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
+                        f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
+                        f"extra), or use several GPUs")
+
+
+# =====================================================================================================
+# 11. Checkpoints for --resume, atomic writes, output folders
+# =====================================================================================================
+# Checkpoints for --resume, written per stage so that a 7B run can afford them: the teacher once after stage 1,
+# each method's result when it finishes, and the student after each stage-2 epoch only where that is cheap
+# (--epoch_checkpoints): at 7B weights + AdamW state are ~85 GB and minutes to write. At most one student
+# checkpoint exists: the last is deleted before the next is written, so a run killed in between restarts that
+# method from the teacher, which gives the same numbers (seeded). Each is a folder written under a temporary
+# name and then renamed into place, so a killed write leaves no half checkpoint. Weights are safetensors; the
+# optimizer and RNG states are plain tensors, read back with torch.load(weights_only=True), which cannot run code.
+EPOCH_CHECKPOINTS = ("auto", "always", "never")
+
+
+MORE_SPACE = "free some space or choose another --out"
+LESS_SPACE = "free some space, choose another --out, or pass --epoch_checkpoints never (with --resume, the run goes on)"
+
+
+def model_bytes(model) -> int:
+    """About what save_model writes: every parameter (a tied one once) and buffer."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def epoch_checkpoint_bytes(model) -> int:
+    """One epoch checkpoint: the weights and AdamW's two moments of every trainable weight."""
+    return model_bytes(model) + 2 * sum(p.numel() * p.element_size() for p in trainable_parameters(model))
+
+
+def saves_epoch_checkpoints(model, cfg: Config) -> bool:
+    """--epoch_checkpoints: always, never, or auto: while one is at most --epoch_checkpoint_max_mb."""
+    if cfg.epoch_checkpoints == "auto":
+        return epoch_checkpoint_bytes(model) <= cfg.epoch_checkpoint_max_mb * 2**20
+    return cfg.epoch_checkpoints == "always"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def check_free_space(folder: Path, needed: int, what: str, fix: str, reclaimed: int = 0):
+    """Refuse, before writing anything, a checkpoint the disk cannot hold (counting what will be deleted first)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # it may not be created yet
+    free = shutil.disk_usage(existing).free + reclaimed
+    if needed > free:
+        raise UserError(f"{what} needs {needed / 1e9:.3g} GB in {folder} but its disk has {free / 1e9:.3g} GB free; {fix}")
+
+
+def save_folder_atomic(folder: Path, write):
+    """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    write(tmp)
+    if folder.exists():  # rename(2) cannot replace a non-empty folder
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def save_hf_model(model, tokenizer, folder: Path):
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
+    def write(tmp: Path):
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+    save_folder_atomic(folder, write)
+
+
+def write_text_atomic(path: Path, text: str):
+    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict):
+    """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs.
+    It replaces the last one, which is deleted first (once the disk is known to hold the new one)."""
+    from safetensors.torch import save_model
+
+    old = list(checkpoint_dir.glob("epoch-*"))
+    check_free_space(checkpoint_dir, epoch_checkpoint_bytes(model), "the student's epoch checkpoint", LESS_SPACE,
+                     reclaimed=sum(map(folder_bytes, old)))
+    for path in old:
+        shutil.rmtree(path)
+
+    def write(tmp: Path):
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
+
+    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
+
+
+def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
+    found = sorted(checkpoint_dir.glob("epoch-*")) if checkpoint_dir is not None else []
+    return found[-1] if found else None
+
+
+def read_checkpoint_state(checkpoint_dir: Path | None) -> dict | None:
+    latest = latest_checkpoint(checkpoint_dir)
+    return json.loads((latest / "state.json").read_text()) if latest is not None else None
+
+
+def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
+    from safetensors.torch import load_model
+
+    device = next(model.parameters()).device
+    load_model(model, path / "model.safetensors", device=str(device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def drop_epoch_checkpoints(checkpoint_dir: Path):
+    for old in checkpoint_dir.glob("epoch-*"):
+        shutil.rmtree(old)
+
+
+def output_folders(cfg: Config) -> dict[str, Path]:
+    if cfg.sweep:
+        return {folder: run_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
+    root = Path(cfg.out or default_out(cfg))
+    if cfg.method == "all":
+        return {run_name(m, t): root / run_name(m, t) for m, t in ALL_RUNS}
+    return {run_name(cfg.method, cfg.trainable if cfg.method == "freeze" else None): root}
+
+
+def run_root(cfg: Config) -> Path:
+    """The folder that holds a run (or a run per method / swept value) and its checkpoints/."""
+    return Path(cfg.out or default_out(cfg))
+
+
+def default_out(cfg: Config) -> str:
+    """The output folder when --out is empty: runs/<preset>/<what>-seed<seed> (or -seeds with --seeds)."""
+    what = f"experiment-{cfg.experiment}" if cfg.experiment else \
+        f"sweep-{parse_sweep(cfg.sweep)[0]}" if cfg.sweep else cfg.method
+    return f"runs/{cfg.preset}/{what}-" + ("seeds" if cfg.seeds else f"seed{cfg.seed}")
+
+
+def holds_a_run(folder: Path, cfg: Config) -> bool:
+    """Whether a default folder is taken: anything in it (with --seeds: a finished report, so unfinished seeds go on)."""
+    if cfg.seeds:
+        return (folder / "seeds.md").exists() or (folder / "experiments-seeds.md").exists()
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def with_fresh_default_out(cfg: Config) -> Config:
+    """Running the same command twice works: a default folder that holds a run gets a fresh sibling, as Lightning's
+    version_N; an explicit --out is never replaced (it is refused later unless --overwrite), nor is one to --resume."""
+    if cfg.out or cfg.resume or cfg.overwrite or cfg.audit or cfg.screen:
+        return cfg
+    default = Path(default_out(cfg))
+    if not holds_a_run(default, cfg):
+        return cfg
+    fresh = next(f"{default}-{n}" for n in range(2, 10**6) if not Path(f"{default}-{n}").exists())
+    print(f"{default} holds an earlier run; this one writes to {fresh}")
+    return replace(cfg, out=fresh)
+
+
+# Flags that may differ between a killed run and its --resume.
+RESUME_FREE = ("resume", "overwrite", "keep_checkpoints", "out", "epoch_checkpoints", "epoch_checkpoint_max_mb")
+
+
+def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
+    """Refuse an --out that holds another run's results (unless --overwrite) or a killed run's checkpoints (unless
+    --resume or --overwrite); with --resume, insist on the killed run's flags. --overwrite deletes old checkpoints
+    now, but old results stay until the new ones replace them, so a failed run destroys nothing."""
+    for path in (checkpoints.parent, *folders.values()):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out: {path} exists and is not a folder; choose another --out")
+    finished = [f for f in folders.values() if (f / "results.json").exists()]
+    saved = checkpoints / "teacher" / "config.json"
+    for partial in [*checkpoints.glob(".*.tmp-*"), *checkpoints.glob("*/.*.tmp-*")] if cfg.resume else ():
+        shutil.rmtree(partial)  # a checkpoint whose writing a kill cut short: never resumable, possibly tens of GB
+    if cfg.resume and saved.is_file():
+        theirs, ours = json.loads(saved.read_text()), asdict(cfg)
+        differ = [k for k in ours if k not in RESUME_FREE and k in theirs and theirs[k] != ours[k]]
+        if differ:
+            raise UserError("--resume needs the flags of the killed run; " + ", ".join(f"--{k} was {theirs[k]!r}, now {ours[k]!r}" for k in differ)
+                            + "; pass them as before, or --overwrite to start over")
+        print(f"resuming the run in {checkpoints.parent} from {checkpoints}")
+    elif cfg.resume and finished:
+        raise UserError(f"{finished[0]} holds a finished run and no checkpoints to resume; pass --overwrite to run it again")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {checkpoints} yet; starting from the beginning")
+    elif finished and not cfg.overwrite:
+        raise UserError(f"{finished[0]} already holds a run's results; pass --overwrite or choose another --out")
+    elif checkpoints.exists() and not cfg.overwrite:
+        raise UserError(f"{checkpoints.parent} holds the checkpoints of an unfinished run; pass --resume to continue it "
+                        f"or --overwrite to start over")
+    if cfg.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+
+
+def drop_checkpoints(checkpoints: Path, cfg: Config):
+    """A finished run needs no checkpoints, unless --keep_checkpoints."""
+    if checkpoints.exists() and not cfg.keep_checkpoints:
+        shutil.rmtree(checkpoints)
+
+
+# =====================================================================================================
+# 12. Input checks: flags, devices, model folders, content fingerprints of the caches
+# =====================================================================================================
+TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
+
+
+def check_config(cfg: Config):
+    if cfg.method not in METHODS + ("all",):
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS + ('all',))}")
+    # Chained comparisons are False for nan, so nan and inf fail too.
+    for name in ("kl_weight", "l2_weight", "warmup_frac"):
+        if not (0 <= getattr(cfg, name) < math.inf):
+            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number >= 0")
+    for name in ("temperature", "slick_temperature", "lr", "stage1_lr", "pretrain_lr", "grad_clip"):
+        if not (0 < getattr(cfg, name) < math.inf):
+            raise UserError(f"--{name} {getattr(cfg, name)} is out of range; pass a finite number > 0")
+    if cfg.warmup_frac >= 1:
+        raise UserError(f"--warmup_frac {cfg.warmup_frac} leaves no steps after warm-up; pass a fraction below 1, e.g. 0.05")
+    for name in ("n_known", "n_unknown", "n_held", "n_val", "slick_samples", "slick_top_k", "slick_max_facts"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} {getattr(cfg, name)} is negative; pass a count >= 0 (0 means all, for split sizes)")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite starts it over; pass one of them")
+    if cfg.resume and cfg.experiment:
+        raise UserError("--resume works for --method and --sweep runs, not for --experiment; run the experiment again")
+    if cfg.epoch_checkpoints not in EPOCH_CHECKPOINTS or cfg.epoch_checkpoint_max_mb < 0:
+        raise UserError(f"--epoch_checkpoints must be one of {', '.join(EPOCH_CHECKPOINTS)} and --epoch_checkpoint_max_mb >= 0")
+    if cfg.teacher_cache not in TEACHER_CACHES:
+        raise UserError(f"unknown --teacher_cache {cfg.teacher_cache!r}; choose one of {', '.join(TEACHER_CACHES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.teacher_topk < 1 or cfg.kl_chunk < 0:
+        raise UserError("--teacher_topk must be >= 1 and --kl_chunk >= 0")
+    if cfg.kl_chunk == 0 and cfg.teacher_cache != "live":
+        raise UserError("--kl_chunk 0 (the plain Eq. 1-2 function) takes the teacher's logits: use it with --teacher_cache live")
+    if cfg.teacher_cache_max_mb < 0:
+        raise UserError("--teacher_cache_max_mb must be >= 0")
+    for name in ("epochs", "stage1_epochs", "batch_size", "slick_prompts", "slick_shots", "eval_max", "eval_batch_size",
+                 "stage1_patience", "n_layer", "n_embd", "n_head", "mlp_ratio", "pretrain_epochs", "pretrain_batch_size", "pretrain_block"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if cfg.arch not in ("llama", "gpt2"):
+        raise UserError(f"unknown --arch {cfg.arch!r}; choose llama or gpt2")
+    if not cfg.model and cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick a width that is a multiple of the heads")
+    if not cfg.model and (cfg.n_kv_head < 0 or cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
+        raise UserError(f"--n_kv_head {cfg.n_kv_head} does not divide --n_head {cfg.n_head}; pass a divisor of the heads, or 0 for one per head")
+    if cfg.seeds:
+        parse_seeds(cfg.seeds)
+        if cfg.sweep or cfg.resume:
+            raise UserError("--seeds repeats --method or --experiment runs; it cannot be combined with --sweep or --resume")
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)  # raises UserError on a malformed --sweep, before any work
+    if cfg.experiment:
+        experiment_plan(cfg)  # raises UserError on a malformed --experiment / --exp_counts / --exp_widths
+    check_practitioner_config(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
+    return device
+
+
+def check_runnable_dtype(model, device: torch.device, name: str):
+    """A checkpoint stored in a dtype this device cannot compute in (float8 anywhere; bfloat16 on a GPU without it)
+    would fail deep inside generation: one line now instead."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    float8 = sorted(str(d) for d in dtypes if "float8" in str(d))
+    if float8:
+        raise UserError(f"--model {name} is stored in {', '.join(float8)}, which sftguard cannot train or run; "
+                        f"pass a bfloat16 or float32 copy (model.to(torch.bfloat16).save_pretrained(...))")
+    if torch.bfloat16 in dtypes and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"--model {name} is stored in bfloat16, which this GPU cannot compute in; pass a float16 or "
+                        f"float32 copy (model.to(torch.float16).save_pretrained(...)) and --precision fp16")
+
+
+def base_model_key(cfg: Config, world: dict) -> str:
+    spec = {k: getattr(cfg, k) for k in ("arch", "n_layer", "n_embd", "n_head", "mlp_ratio", "vocab_size",
+                                         "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "pretrain_block")}
+    if cfg.n_kv_head not in (0, cfg.n_head):  # only then a different model (older caches keep their keys)
+        spec["n_kv_head"] = cfg.n_kv_head
+    spec["world"] = world["fingerprint"]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """An answer ends at end-of-text or at the first token holding a newline (few-shot prompts go on)."""
+    if not hasattr(tokenizer, "_sftguard_stop_ids"):
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        tokenizer._sftguard_stop_ids = [tokenizer.eos_token_id] + [i for i, p in enumerate(pieces) if "\n" in p]
+    return tokenizer._sftguard_stop_ids
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """sha256 of a file's bytes, remembered under its path, size, mtime, ctime and inode, so that a multi-GB weight file
+    is read once per version. Every write or rename sets ctime, which cannot be set back: a rewrite is always seen."""
+    st = path.stat()
+    stamp = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    memo = cache_dir / "file-sha256" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    write_text_atomic(memo, digest)
+    return digest
+
+
+def model_fingerprint(folder: Path, cache_dir: Path) -> str:
+    """The content of a model folder: config, tokenizer and weight files (not the docs), whatever its path."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
+    return hashlib.sha256(json.dumps([[p.name, file_sha256(p, cache_dir)] for p in files]).encode()).hexdigest()
+
+
+# =====================================================================================================
+# 13. Repeated runs: --sweep (the stability-plasticity frontier) and --seeds (mean and sd over seeds)
+# =====================================================================================================
+# --sweep: the stability-plasticity frontier. Each swept field belongs to the method it changes.
+SWEEPABLE = {"kl_weight": "selfdistill", "temperature": "selfdistill", "l2_weight": "l2"}
+
+
+def parse_sweep(spec: str) -> tuple[str, list[float]]:
+    """'kl_weight=0,0.25,1' -> ('kl_weight', [0.0, 0.25, 1.0])."""
+    name, _, values = (s.strip() for s in spec.partition("="))
+    if name not in SWEEPABLE or not values:
+        raise UserError(f"--sweep {spec!r}: write NAME=v1,v2,... with NAME one of {', '.join(SWEEPABLE)}, e.g. kl_weight=0,0.25,1,4,16")
+    try:
+        numbers = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise UserError(f"--sweep {spec!r}: the values must be numbers separated by commas, e.g. {name}=0,1,4") from None
+    if len(set(numbers)) != len(numbers):
+        raise UserError(f"--sweep {spec!r} repeats a value; list each value once")
+    if any(v < 0 or not math.isfinite(v) for v in numbers) or (name == "temperature" and min(numbers) <= 0):
+        raise UserError(f"--sweep {spec!r}: {name} values must be finite and {'> 0' if name == 'temperature' else '>= 0'}")
+    return name, numbers
+
+
+def sweep_runs(cfg: Config) -> list[tuple[str, str, float | None, Config]]:
+    """(folder, method, swept value or None, config) of every run of a sweep: each value, then the
+    controls at their configured settings (known_only, sft, and the other regulariser)."""
+    name, values = parse_sweep(cfg.sweep)
+    method = SWEEPABLE[name]
+    runs = [(f"{method}-{name}{v:g}", method, v, replace(cfg, **{name: v})) for v in values]
+    controls = ("known_only", "sft", "l2" if method == "selfdistill" else "selfdistill")
+    return runs + [(control, control, None, cfg) for control in controls]
+
+
+def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dict, cfg: Config, folders: dict,
+              checkpoints: Path | None = None) -> dict:
+    """Stage 2 once per swept value and once per control, every run from the same teacher; then the frontier."""
+    name, _ = parse_sweep(cfg.sweep)
+    runs = sweep_runs(cfg)
+    results = []
+    for folder, method, value, run_cfg in runs:
+        result = run_method(method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
+                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None,
+                            save_to=folders[folder] / "model" if cfg.save_model else None)
+        results.append({**result, **common, "run": folder, "sweep_value": value})
+    control = next(r for r in results if r["method"] == "known_only")
+    for result, (folder, _, _, run_cfg) in zip(results, runs):
+        result["excess_forgetting"] = excess_forgetting(result, control)
+        write_results(folders[folder], result, run_cfg)
+    write_sweep_report(run_root(cfg), name, results, teacher_scores, cfg)
+    return {"results": results, "teacher": teacher_scores}
+
+
+SWEEP_SYMBOL = {"kl_weight": "λ", "temperature": "τ", "l2_weight": "α"}
+
+
+def sweep_table(name: str, results: list[dict]) -> str:
+    """One row per run of a sweep: the swept value, the three accuracies, forgetting."""
+    lines = [f"| run | {name} | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
+        value = "–" if r["sweep_value"] is None else f"{r['sweep_value']:g}"
+        lines.append(f"| {r['run']} | {value} | {pct(r['final']['known_acc'])} | {pct(new)} | {pct(r['final']['held_acc'])} | "
+                     f"{pct(r['forgetting'])} | {pct(r['excess_forgetting'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: dict, seed: int) -> bool:
+    """frontier.png: held-out accuracy against new-fact accuracy, one point per swept value, controls marked.
+    Returns False (and draws nothing) when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    symbol = SWEEP_SYMBOL.get(name, name)
+    swept = [r for r in results if r["sweep_value"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xs, ys = [100 * r["final"]["unknown_acc"] for r in swept], [100 * r["final"]["held_acc"] for r in swept]
+    ax.plot(xs, ys, "o-", color="C0", zorder=3, label=f"{swept[0]['method']}, one point per {symbol}")
+    for r, x, y in zip(swept, xs, ys):
+        ax.annotate(f"{symbol}={r['sweep_value']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
+    style = {"sft": ("s", "C3", "plain SFT"), "known_only": ("v", "C7", "known_only (no new facts)"),
+             "l2": ("D", "C2", "L2 pull to the teacher"), "selfdistill": ("^", "C1", "self-distillation (defaults)")}
+    for r in results:
+        if r["sweep_value"] is None:
+            marker, color, label = style[r["method"]]
+            ax.plot(100 * r["final"]["unknown_acc"], 100 * r["final"]["held_acc"], marker, color=color, ms=8, zorder=4, label=label)
+    ax.plot(100 * teacher_scores["unknown_acc"], 100 * teacher_scores["held_acc"], "*", color="k", ms=11, zorder=4,
+            label="teacher (before stage 2)")
+    ax.set_xlim(-3, 103)  # new-fact accuracy spans 0-100 across a sweep; a fixed axis compares seeds and classes
+    ax.set_xlabel("new-fact accuracy, D_unknown (%)  → plasticity")
+    ax.set_ylabel("held-out accuracy, D_held (%)  → stability")
+    ax.set_title(f"Stability–plasticity frontier over {symbol} ({name}), seed {seed}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_sweep_report(root: Path, name: str, results: list[dict], teacher_scores: dict, cfg: Config):
+    """sweep.json (one point per run), sweep.md (the table), frontier.png (when matplotlib is installed)."""
+    points = [{"run": r["run"], "method": r["method"], name: r["sweep_value"], **r["final"], "forgetting": r["forgetting"],
+               "excess_forgetting": r["excess_forgetting"]} for r in results]
+    plotted = plot_frontier(root / "frontier.png", name, results, teacher_scores, cfg.seed)
+    note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n"
+    write_text_atomic(root / "sweep.md", f"# sftguard --sweep {cfg.sweep}, preset {cfg.preset}, seed {cfg.seed}\n\n"
+                      f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
+                      f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
+                      f"{cfg.epochs} epochs of stage 2. Rows without a {name} are the controls at their configured settings.\n\n"
+                      + sweep_table(name, results) + "\n" + note)
+    write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": name, "seed": cfg.seed, "preset": cfg.preset,
+                                            "teacher": teacher_scores, "points": points})
+    print("\n" + sweep_table(name, results))
+    print(note.strip() if not plotted else f"frontier plot: {root / 'frontier.png'}")
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {spec!r} is not a comma list of integers; write e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {spec!r} needs distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def matched_acquisition(result: dict, threshold: float = 0.9) -> dict | None:
+    """Held-out accuracy at the first evaluation where new-fact accuracy reaches the threshold: methods
+    compared at equal acquisition, not at an equal epoch."""
+    for point in result["curve"]:
+        if point["epoch"] > 0 and point["unknown_acc"] >= threshold:
+            return {"epoch": point["epoch"], "held_acc": point["held_acc"],
+                    "forgetting": relative_drop(result["teacher"]["held_acc"], point["held_acc"])}
+    return None
+
+
+def mean_sd(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def seeds_markdown(per_seed: list[list[dict]], cfg: Config, seeds: list[int]) -> str:
+    """Mean ± sd over seeds, laid out like Table 1, plus the matched-acquisition view."""
+    names = [run_name(r["method"], r["trainable"]) for r in per_seed[0]]
+    rows = {name: [next(r for r in runs if run_name(r["method"], r["trainable"]) == name) for runs in per_seed] for name in names}
+    teacher = [runs[0]["teacher"] for runs in per_seed]
+    lines = [f"# sftguard --method {cfg.method}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
+             f"Teacher (after stage 1): D_known {mean_sd([t['known_acc'] for t in teacher])}, "
+             f"D_unknown {mean_sd([t['unknown_acc'] for t in teacher])}, D_held {mean_sd([t['held_acc'] for t in teacher])}", "",
+             f"Accuracy % after stage 2 ({cfg.epochs} epochs), mean ± sd over {len(seeds)} seeds. Forgetting: relative drop of "
+             "D_held accuracy from the teacher; excess: minus the known_only control's forgetting of the same seed.", "",
+             "| method | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+             "|---|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        new = "–" if rs[0]["method"] == "known_only" else mean_sd([r["final"]["unknown_acc"] for r in rs])
+        lines.append(f"| {name} | {mean_sd([r['final']['known_acc'] for r in rs])} | {new} | {mean_sd([r['final']['held_acc'] for r in rs])} | "
+                     f"{mean_sd([r['forgetting'] for r in rs])} | {mean_sd([r.get('excess_forgetting') for r in rs])} |")
+    lines += ["", "Matched acquisition: D_held accuracy and forgetting at the first epoch where D_unknown accuracy reaches 90%.", "",
+              "| method | seeds that reach 90% | epoch | D_held (held-out) | forgetting |", "|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        if rs[0]["method"] == "known_only":
+            continue
+        matched = [m for m in map(matched_acquisition, rs) if m is not None]
+        epochs = f"{statistics.mean(m['epoch'] for m in matched):.1f}" if matched else "–"
+        lines.append(f"| {name} | {len(matched)}/{len(rs)} | {epochs} | {mean_sd([m['held_acc'] for m in matched])} | "
+                     f"{mean_sd([m['forgetting'] for m in matched])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[int]) -> bool:
+    """forgetting.png: held-out and new-fact accuracy after every stage-2 epoch, one line per method, mean over
+    seeds (band: ± sd). Returns False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (ax_held, ax_new) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharex=True)
+    for i, runs in enumerate(zip(*per_seed)):  # one method, every seed
+        name = run_name(runs[0]["method"], runs[0]["trainable"])
+        epochs = [p["epoch"] for p in runs[0]["curve"]]
+        for ax, key in ((ax_held, "held_acc"), (ax_new, "unknown_acc")):
+            if key == "unknown_acc" and runs[0]["method"] == "known_only":
+                continue
+            values = torch.tensor([[100 * p[key] for p in r["curve"]] for r in runs])
+            mean, sd = values.mean(0), values.std(0) if len(runs) > 1 else torch.zeros(len(epochs))
+            ax.plot(epochs, mean, "o-", ms=3, color=f"C{i}", label=name)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=f"C{i}", alpha=0.15)
+    ax_held.set_ylabel("held-out accuracy, D_held (%)  (its drop is forgetting)")
+    ax_new.set_ylabel("new-fact accuracy, D_unknown (%)")
+    for ax in (ax_held, ax_new):
+        ax.set_xlabel("stage-2 epoch (0 = the teacher)")
+        ax.grid(alpha=0.3)
+    fig.legend(*ax_held.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)  # below both panels
+    fig.suptitle(f"Forgetting over training, mean ± sd over seeds {', '.join(map(str, seeds))}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """One condition's row averaged over seeds: every number, and the curve epoch by epoch where the seeds'
+    curves have the same epochs (a fitted condition may stop at different epochs: its curve is the first seed's)."""
+    first = rows[0]
+    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in first.items() if k != "curve"}
+    same_epochs = all([p["epoch"] for p in r["curve"]] == [p["epoch"] for p in first["curve"]] for r in rows)
+    out["curve"] = ([{k: statistics.mean(r["curve"][i][k] for r in rows) for k in point} for i, point in enumerate(first["curve"])]
+                    if same_epochs else first["curve"])
+    return out
+
+
+def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int]) -> str:
+    """Mean ± sd over seeds of every condition of every experiment, and the paper's findings checked on the means."""
+    lines = [f"# sftguard --experiment {cfg.experiment}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
+             f"Mean ± sd over {len(seeds)} seeds (each seed: its own split, teacher, new facts and training order); "
+             "all numbers %. Per-seed tables: seed*/experiments.md.", ""]
+    for name in per_seed[0]:
+        rows = [res[name]["rows"] for res in per_seed]
+        lines += [f"## {name}", "", "| condition | new facts | width | epochs | new-fact acc | D_held acc | forgetting | drift |",
+                  "|---|---|---|---|---|---|---|---|"]
+        order = sorted(range(len(rows[0])), key=lambda i: (rows[0][i]["method"] in ("known_only", "l2"), rows[0][i]["width"],
+                                                          rows[0][i]["count"], str(rows[0][i]["key"]), rows[0][i]["method"] != "sft"))
+        for i in order:
+            r, same = rows[0][i], [seed_rows[i] for seed_rows in rows]  # the experiments run their conditions in a fixed order
+            new = "–" if r["method"] == "known_only" else mean_sd([x["new_acc"] for x in same])
+            epochs = "/".join(str(x["epochs"]) for x in same) if r.get("fit_target") is not None else str(r["epochs"])
+            lines.append(f"| {r['condition']} | {r['count']} | {r['width']} | {epochs} | {new} | {mean_sd([x['held_acc'] for x in same])} | "
+                         f"{mean_sd([x['forgetting'] for x in same])} | {mean_sd([x['drift'] for x in same])} |")
+        if name == "interference":
+            means = [mean_row([seed_rows[i] for seed_rows in rows]) for i in range(len(rows[0]))]
+            lines += ["", "The paper's findings, checked on the means over seeds:", ""]
+            lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means, per_seed[0][name]["counts"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_experiment_seeds(cfg: Config, seeds: list[int]) -> dict:
+    """--experiment X --seeds 0,1,2: the experiments once per seed into DIR/seed<N>/ (finished seeds are reused),
+    then DIR/experiments-seeds.md with mean ± sd over seeds."""
+    root = Path(cfg.out or default_out(cfg))
+    names, _, _ = experiment_plan(cfg)
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
+        folder = Path(seed_cfg.out)
+        if all((folder / f"{n}.json").is_file() for n in names) and not cfg.overwrite:
+            print(f"seed {seed}: reusing the finished experiments in {folder}")
+            per_seed.append({n: json.loads((folder / f"{n}.json").read_text()) for n in names})
+        else:
+            per_seed.append(run_experiments(seed_cfg))
+    report = experiment_seeds_markdown(per_seed, cfg, seeds)
+    write_text_atomic(root / "experiments-seeds.md", report)
+    print("\n" + report + f"\nwritten to {root / 'experiments-seeds.md'}")
+    return {"per_seed": per_seed}
+
+
+def run_seeds(cfg: Config) -> dict:
+    """--seeds 0,1,2: the same study once per seed (each from its own teacher), then mean ± sd of every method."""
+    seeds = parse_seeds(cfg.seeds)
+    if cfg.experiment:
+        return run_experiment_seeds(cfg, seeds)
+    root = Path(cfg.out or default_out(cfg))
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
+        folders = output_folders(seed_cfg)
+        if all((f / "results.json").is_file() for f in folders.values()) and not cfg.overwrite:
+            print(f"seed {seed}: reusing the finished run in {seed_cfg.out}")
+        else:
+            main(seed_cfg)
+        per_seed.append([json.loads((f / "results.json").read_text()) for f in folders.values()])
+    report = seeds_markdown(per_seed, cfg, seeds)
+    plotted = plot_forgetting_curves(root / "forgetting.png", per_seed, seeds)
+    report += ("\n![forgetting over training](forgetting.png)\n" if plotted else
+               "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n")
+    write_text_atomic(root / "seeds.md", report)
+    print("\n" + report + f"\nwritten to {root / 'seeds.md'}")
+    return {"per_seed": per_seed}
+
+
+# =====================================================================================================
+# 14. Practitioners' tools: audit a fine-tune for forgetting, screen an SFT set, the paper's loss in a Trainer
 # =====================================================================================================
 # The study above asks the paper's question on its own runs. These tools ask it of any two checkpoints of one
 # tokenizer (--audit: did my fine-tune damage what the base knew?), of a QA set before training (--screen: how many
@@ -2201,22 +2728,6 @@ def check_practitioner_config(cfg: Config):
         raise UserError("--audit and --screen run alone; drop --experiment, --sweep, --seeds and --resume")
     if cfg.audit_examples < 0:
         raise UserError("--audit_examples must be >= 0")
-
-
-def save_hf_model(model, tokenizer, folder: Path):
-    """A Hugging Face folder (safetensors weights, config, tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
-    def write(tmp: Path):
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-    save_folder_atomic(folder, write)
-
-
-def category_pool(facts: list[dict], cfg: Config) -> list[dict]:
-    """The facts the study categorises: name-key facts (UUID keys are the experiments'), at most slick_max_facts."""
-    pool = [f for f in facts if f.get("key") != "uuid"]
-    if cfg.slick_max_facts and len(pool) > cfg.slick_max_facts:
-        pool = random.Random(0).sample(pool, cfg.slick_max_facts)
-    return pool
 
 
 # --- --audit: the base model against its fine-tune ---------------------------------------------------------
@@ -2504,473 +3015,21 @@ def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
 
 
 # =====================================================================================================
-# 8. Report: results.json, results.md laid out like the paper's Table 1, summary.md for --method all
+# 15. The command line
 # =====================================================================================================
-def write_text_atomic(path: Path, text: str):
-    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def parse_config(argv=None) -> Config:
+    from transformers import HfArgumentParser
 
-
-def write_json_atomic(path: Path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def table1(rows: list[dict]) -> str:
-    """Markdown table in the layout of the paper's Table 1 (accuracy % on D_known / D_unknown / D_held)."""
-    lines = ["| method | trainable | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
-        lines.append(f"| {r['method']} | {r.get('trainable') or 'all'} | {pct(r['final']['known_acc'])} | {pct(new)} | "
-                     f"{pct(r['final']['held_acc'])} | {pct(r['forgetting'])} | {pct(r.get('excess_forgetting'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out: Path, result: dict, cfg: Config):
-    # The config of this folder's run: with --method all, its own method and trainable groups, not "all"
-    write_json_atomic(out / "config.json", asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)))
-    write_text_atomic(out / "results.md", f"# {run_name(result['method'], result['trainable'])} (seed {cfg.seed})\n\n"
-                      f"Teacher: D_known {pct(result['teacher']['known_acc'])}, D_unknown {pct(result['teacher']['unknown_acc'])}, "
-                      f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result]))
-    write_json_atomic(out / "results.json", result)  # last: its presence marks a finished run
-
-
-def output_folders(cfg: Config) -> dict[str, Path]:
-    if cfg.sweep:
-        return {folder: run_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
-    root = Path(cfg.out or default_out(cfg))
-    if cfg.method == "all":
-        return {run_name(m, t): root / run_name(m, t) for m, t in ALL_RUNS}
-    return {run_name(cfg.method, cfg.trainable if cfg.method == "freeze" else None): root}
-
-
-def run_root(cfg: Config) -> Path:
-    """The folder that holds a run (or a run per method / swept value) and its checkpoints/."""
-    return Path(cfg.out or default_out(cfg))
-
-
-def default_out(cfg: Config) -> str:
-    """The output folder when --out is empty: runs/<preset>/<what>-seed<seed> (or -seeds with --seeds)."""
-    what = f"experiment-{cfg.experiment}" if cfg.experiment else \
-        f"sweep-{parse_sweep(cfg.sweep)[0]}" if cfg.sweep else cfg.method
-    return f"runs/{cfg.preset}/{what}-" + ("seeds" if cfg.seeds else f"seed{cfg.seed}")
-
-
-def holds_a_run(folder: Path, cfg: Config) -> bool:
-    """Whether a default folder is taken: anything in it (with --seeds: a finished report, so unfinished seeds go on)."""
-    if cfg.seeds:
-        return (folder / "seeds.md").exists() or (folder / "experiments-seeds.md").exists()
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def with_fresh_default_out(cfg: Config) -> Config:
-    """Running the same command twice works: a default folder that holds a run gets a fresh sibling, as Lightning's
-    version_N; an explicit --out is never replaced (it is refused later unless --overwrite), nor is one to --resume."""
-    if cfg.out or cfg.resume or cfg.overwrite or cfg.audit or cfg.screen:
-        return cfg
-    default = Path(default_out(cfg))
-    if not holds_a_run(default, cfg):
-        return cfg
-    fresh = next(f"{default}-{n}" for n in range(2, 10**6) if not Path(f"{default}-{n}").exists())
-    print(f"{default} holds an earlier run; this one writes to {fresh}")
-    return replace(cfg, out=fresh)
-
-
-# Flags that may differ between a killed run and its --resume.
-RESUME_FREE = ("resume", "overwrite", "keep_checkpoints", "out", "epoch_checkpoints", "epoch_checkpoint_max_mb")
-
-
-def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
-    """Refuse an --out that holds another run's results (unless --overwrite) or a killed run's checkpoints (unless
-    --resume or --overwrite); with --resume, insist on the killed run's flags. --overwrite deletes old checkpoints
-    now, but old results stay until the new ones replace them, so a failed run destroys nothing."""
-    for path in (checkpoints.parent, *folders.values()):
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out: {path} exists and is not a folder; choose another --out")
-    finished = [f for f in folders.values() if (f / "results.json").exists()]
-    saved = checkpoints / "teacher" / "config.json"
-    for partial in [*checkpoints.glob(".*.tmp-*"), *checkpoints.glob("*/.*.tmp-*")] if cfg.resume else ():
-        shutil.rmtree(partial)  # a checkpoint whose writing a kill cut short: never resumable, possibly tens of GB
-    if cfg.resume and saved.is_file():
-        theirs, ours = json.loads(saved.read_text()), asdict(cfg)
-        differ = [k for k in ours if k not in RESUME_FREE and k in theirs and theirs[k] != ours[k]]
-        if differ:
-            raise UserError("--resume needs the flags of the killed run; " + ", ".join(f"--{k} was {theirs[k]!r}, now {ours[k]!r}" for k in differ)
-                            + "; pass them as before, or --overwrite to start over")
-        print(f"resuming the run in {checkpoints.parent} from {checkpoints}")
-    elif cfg.resume and finished:
-        raise UserError(f"{finished[0]} holds a finished run and no checkpoints to resume; pass --overwrite to run it again")
-    elif cfg.resume:
-        print(f"--resume: no checkpoint in {checkpoints} yet; starting from the beginning")
-    elif finished and not cfg.overwrite:
-        raise UserError(f"{finished[0]} already holds a run's results; pass --overwrite or choose another --out")
-    elif checkpoints.exists() and not cfg.overwrite:
-        raise UserError(f"{checkpoints.parent} holds the checkpoints of an unfinished run; pass --resume to continue it "
-                        f"or --overwrite to start over")
-    if cfg.overwrite and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-
-
-def drop_checkpoints(checkpoints: Path, cfg: Config):
-    """A finished run needs no checkpoints, unless --keep_checkpoints."""
-    if checkpoints.exists() and not cfg.keep_checkpoints:
-        shutil.rmtree(checkpoints)
-
-
-SWEEP_SYMBOL = {"kl_weight": "λ", "temperature": "τ", "l2_weight": "α"}
-
-
-def sweep_table(name: str, results: list[dict]) -> str:
-    """One row per run of a sweep: the swept value, the three accuracies, forgetting."""
-    lines = [f"| run | {name} | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
-        value = "–" if r["sweep_value"] is None else f"{r['sweep_value']:g}"
-        lines.append(f"| {r['run']} | {value} | {pct(r['final']['known_acc'])} | {pct(new)} | {pct(r['final']['held_acc'])} | "
-                     f"{pct(r['forgetting'])} | {pct(r['excess_forgetting'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: dict, seed: int) -> bool:
-    """frontier.png: held-out accuracy against new-fact accuracy, one point per swept value, controls marked.
-    Returns False (and draws nothing) when matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    symbol = SWEEP_SYMBOL.get(name, name)
-    swept = [r for r in results if r["sweep_value"] is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    xs, ys = [100 * r["final"]["unknown_acc"] for r in swept], [100 * r["final"]["held_acc"] for r in swept]
-    ax.plot(xs, ys, "o-", color="C0", zorder=3, label=f"{swept[0]['method']}, one point per {symbol}")
-    for r, x, y in zip(swept, xs, ys):
-        ax.annotate(f"{symbol}={r['sweep_value']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
-    style = {"sft": ("s", "C3", "plain SFT"), "known_only": ("v", "C7", "known_only (no new facts)"),
-             "l2": ("D", "C2", "L2 pull to the teacher"), "selfdistill": ("^", "C1", "self-distillation (defaults)")}
-    for r in results:
-        if r["sweep_value"] is None:
-            marker, color, label = style[r["method"]]
-            ax.plot(100 * r["final"]["unknown_acc"], 100 * r["final"]["held_acc"], marker, color=color, ms=8, zorder=4, label=label)
-    ax.plot(100 * teacher_scores["unknown_acc"], 100 * teacher_scores["held_acc"], "*", color="k", ms=11, zorder=4,
-            label="teacher (before stage 2)")
-    ax.set_xlim(-3, 103)  # new-fact accuracy spans 0-100 across a sweep; a fixed axis compares seeds and classes
-    ax.set_xlabel("new-fact accuracy, D_unknown (%)  → plasticity")
-    ax.set_ylabel("held-out accuracy, D_held (%)  → stability")
-    ax.set_title(f"Stability–plasticity frontier over {symbol} ({name}), seed {seed}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def write_sweep_report(root: Path, name: str, results: list[dict], teacher_scores: dict, cfg: Config):
-    """sweep.json (one point per run), sweep.md (the table), frontier.png (when matplotlib is installed)."""
-    points = [{"run": r["run"], "method": r["method"], name: r["sweep_value"], **r["final"], "forgetting": r["forgetting"],
-               "excess_forgetting": r["excess_forgetting"]} for r in results]
-    plotted = plot_frontier(root / "frontier.png", name, results, teacher_scores, cfg.seed)
-    note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n"
-    write_text_atomic(root / "sweep.md", f"# sftguard --sweep {cfg.sweep}, preset {cfg.preset}, seed {cfg.seed}\n\n"
-                      f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
-                      f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
-                      f"{cfg.epochs} epochs of stage 2. Rows without a {name} are the controls at their configured settings.\n\n"
-                      + sweep_table(name, results) + "\n" + note)
-    write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": name, "seed": cfg.seed, "preset": cfg.preset,
-                                            "teacher": teacher_scores, "points": points})
-    print("\n" + sweep_table(name, results))
-    print(note.strip() if not plotted else f"frontier plot: {root / 'frontier.png'}")
-
-
-# =====================================================================================================
-# main: data -> base model -> SliCK split -> stage 1 teacher -> stage 2 method(s) -> report
-# =====================================================================================================
-@dataclass
-class Study:
-    """What stage 2 starts from, prepared once: the data, the base model's SliCK split, the stage-1 teacher."""
-    data_dir: Path
-    facts: list[dict]
-    world: dict
-    tokenizer: object
-    model_id: str
-    pool: list[dict]  # the categorised facts
-    categories: dict[str, str]  # fact id -> SliCK category
-    category_counts: dict[str, int]
-    splits: dict[str, list[dict]]  # known, unknown, held, val
-    eval_sets: dict[str, list[dict]]  # the fixed evaluation subsets of the splits
-    teacher: object
-    stage1: dict
-    teacher_scores: dict[str, float]
-    base: object = None  # with keep_base: the experiments measure drift against the base model
-    # the experiments' (run_experiments): the teacher's width, the base model's held-out entity states, its drift
-    width: int = 0
-    reference_states: torch.Tensor | None = None
-    teacher_measure: dict | None = None
-
-
-def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> Study:
-    """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
-    data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
-    if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
-        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
-                        f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
-    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
-        print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
-        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
-    facts, world = load_facts(data_dir)
-
-    # 2. The base model
-    base, tokenizer, model_path = load_base_model(cfg, data_dir, world, device)
-    model_id = str(model_path) if cfg.model else model_path.name
-
-    # 3. SliCK categories of the base model's knowledge, then the splits. UUID-key facts are kept for the
-    # hypothesis experiments; the main study's new facts have name-like keys, as in the paper.
-    pool = category_pool(facts, cfg)
-    categories = cached_categories(base, tokenizer, pool, cfg, model_path)
-    category_counts = {c: sum(v == c for v in categories.values()) for c in CATEGORIES}
-    print("SliCK categories of the base model: " + ", ".join(f"{c} {n}" for c, n in category_counts.items()))
-    rng = random.Random(cfg.seed)
-    splits = split_facts(pool, categories, cfg, rng)
-    eval_sets = eval_subsets(splits, cfg, rng)
-    print("splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-
-    # 5. Stage 1: the teacher
-    seed_everything(cfg.seed)
-    teacher, stage1 = learn_task_format(base, tokenizer, splits, cfg, checkpoint_dir)
-    teacher_scores = evaluate(teacher, tokenizer, eval_sets, cfg)
-    print("teacher (after task-format learning): " + "  ".join(f"{k} {v:.3f}" for k, v in teacher_scores.items()))
-    return Study(data_dir, facts, world, tokenizer, model_id, pool, categories, category_counts, splits, eval_sets,
-                 teacher, stage1, teacher_scores, base if keep_base else None)
-
-
-def main(cfg: Config) -> dict:
-    wall_start = time.perf_counter()
-    if cfg.experiment:  # 7. the hypothesis experiments: their own conditions from the same teacher path
-        return run_experiments(cfg)
-    if cfg.audit or cfg.screen:  # 7b. the practitioners' tools
-        return run_audit(cfg) if cfg.audit else run_screen(cfg)
-    folders = output_folders(cfg)
-    checkpoints = run_root(cfg) / "checkpoints"
-    check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
-    device = resolve_device(cfg.device)
-    resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
-
-    study = prepare_study(cfg, device, checkpoint_dir=checkpoints)
-    tokenizer, splits, eval_sets, teacher, teacher_scores = study.tokenizer, study.splits, study.eval_sets, study.teacher, study.teacher_scores
-
-    # 6. Stage 2, one method or all of them from the same teacher
-    runs = ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable if cfg.method == "freeze" else None),)
-    common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({study.model_id})",
-              "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": study.category_counts,
-              "slick_vs_truth": slick_vs_truth(study.pool, study.categories), "stage1": study.stage1,
-              "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
-    if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
-        save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
-    train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
-    check_memory_plan(memory_plan(teacher, qa_batches(tokenizer, train_facts, cfg.batch_size), ALL_RUNS if cfg.sweep else runs,
-                                  cfg, device))
-    if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
-        report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
-        drop_checkpoints(checkpoints, cfg)
-        return report
-    results = []
-    for method, trainable in runs:
-        result = {**run_method(method, trainable, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg,
-                               checkpoint_dir=checkpoints / run_name(method, trainable),
-                               save_to=folders[run_name(method, trainable)] / "model" if cfg.save_model else None), **common}
-        results.append(result)
-    control = next((r for r in results if r["method"] == "known_only"), None)
-    for result in results:
-        result["excess_forgetting"] = excess_forgetting(result, control)
-        result["wall_s"] = time.perf_counter() - wall_start
-        write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
-
-    # 8. Report
-    table = table1(results)
-    print("\n" + table)
-    if cfg.method == "all":
-        root = run_root(cfg)
-        write_text_atomic(root / "summary.md", f"# sftguard --method all, preset {cfg.preset}, seed {cfg.seed}\n\n"
-                          f"Teacher: D_known {pct(teacher_scores['known_acc'])}, D_unknown {pct(teacher_scores['unknown_acc'])}, "
-                          f"D_held {pct(teacher_scores['held_acc'])}\n\nAccuracy % after stage 2 ({cfg.epochs} epochs); forgetting is "
-                          f"the relative drop of D_held accuracy from the teacher.\n\n" + table)
-    drop_checkpoints(checkpoints, cfg)
-    print(f"results in {', '.join(str(f) for f in folders.values())}  ({time.perf_counter() - wall_start:.0f} s)")
-    return {"results": results, "teacher": teacher_scores}
-
-
-def parse_seeds(spec: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {spec!r} is not a comma list of integers; write e.g. --seeds 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {spec!r} needs distinct integers, e.g. --seeds 0,1,2")
-    return seeds
-
-
-def matched_acquisition(result: dict, threshold: float = 0.9) -> dict | None:
-    """Held-out accuracy at the first evaluation where new-fact accuracy reaches the threshold: methods
-    compared at equal acquisition, not at an equal epoch."""
-    for point in result["curve"]:
-        if point["epoch"] > 0 and point["unknown_acc"] >= threshold:
-            return {"epoch": point["epoch"], "held_acc": point["held_acc"],
-                    "forgetting": relative_drop(result["teacher"]["held_acc"], point["held_acc"])}
-    return None
-
-
-def mean_sd(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
-
-
-def seeds_markdown(per_seed: list[list[dict]], cfg: Config, seeds: list[int]) -> str:
-    """Mean ± sd over seeds, laid out like Table 1, plus the matched-acquisition view."""
-    names = [run_name(r["method"], r["trainable"]) for r in per_seed[0]]
-    rows = {name: [next(r for r in runs if run_name(r["method"], r["trainable"]) == name) for runs in per_seed] for name in names}
-    teacher = [runs[0]["teacher"] for runs in per_seed]
-    lines = [f"# sftguard --method {cfg.method}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
-             f"Teacher (after stage 1): D_known {mean_sd([t['known_acc'] for t in teacher])}, "
-             f"D_unknown {mean_sd([t['unknown_acc'] for t in teacher])}, D_held {mean_sd([t['held_acc'] for t in teacher])}", "",
-             f"Accuracy % after stage 2 ({cfg.epochs} epochs), mean ± sd over {len(seeds)} seeds. Forgetting: relative drop of "
-             "D_held accuracy from the teacher; excess: minus the known_only control's forgetting of the same seed.", "",
-             "| method | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
-             "|---|---|---|---|---|---|"]
-    for name, rs in rows.items():
-        new = "–" if rs[0]["method"] == "known_only" else mean_sd([r["final"]["unknown_acc"] for r in rs])
-        lines.append(f"| {name} | {mean_sd([r['final']['known_acc'] for r in rs])} | {new} | {mean_sd([r['final']['held_acc'] for r in rs])} | "
-                     f"{mean_sd([r['forgetting'] for r in rs])} | {mean_sd([r.get('excess_forgetting') for r in rs])} |")
-    lines += ["", "Matched acquisition: D_held accuracy and forgetting at the first epoch where D_unknown accuracy reaches 90%.", "",
-              "| method | seeds that reach 90% | epoch | D_held (held-out) | forgetting |", "|---|---|---|---|---|"]
-    for name, rs in rows.items():
-        if rs[0]["method"] == "known_only":
-            continue
-        matched = [m for m in map(matched_acquisition, rs) if m is not None]
-        epochs = f"{statistics.mean(m['epoch'] for m in matched):.1f}" if matched else "–"
-        lines.append(f"| {name} | {len(matched)}/{len(rs)} | {epochs} | {mean_sd([m['held_acc'] for m in matched])} | "
-                     f"{mean_sd([m['forgetting'] for m in matched])} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[int]) -> bool:
-    """forgetting.png: held-out and new-fact accuracy after every stage-2 epoch, one line per method, mean over
-    seeds (band: ± sd). Returns False when matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, (ax_held, ax_new) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharex=True)
-    for i, runs in enumerate(zip(*per_seed)):  # one method, every seed
-        name = run_name(runs[0]["method"], runs[0]["trainable"])
-        epochs = [p["epoch"] for p in runs[0]["curve"]]
-        for ax, key in ((ax_held, "held_acc"), (ax_new, "unknown_acc")):
-            if key == "unknown_acc" and runs[0]["method"] == "known_only":
-                continue
-            values = torch.tensor([[100 * p[key] for p in r["curve"]] for r in runs])
-            mean, sd = values.mean(0), values.std(0) if len(runs) > 1 else torch.zeros(len(epochs))
-            ax.plot(epochs, mean, "o-", ms=3, color=f"C{i}", label=name)
-            ax.fill_between(epochs, mean - sd, mean + sd, color=f"C{i}", alpha=0.15)
-    ax_held.set_ylabel("held-out accuracy, D_held (%)  (its drop is forgetting)")
-    ax_new.set_ylabel("new-fact accuracy, D_unknown (%)")
-    for ax in (ax_held, ax_new):
-        ax.set_xlabel("stage-2 epoch (0 = the teacher)")
-        ax.grid(alpha=0.3)
-    fig.legend(*ax_held.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)  # below both panels
-    fig.suptitle(f"Forgetting over training, mean ± sd over seeds {', '.join(map(str, seeds))}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def mean_row(rows: list[dict]) -> dict:
-    """One condition's row averaged over seeds: every number, and the curve epoch by epoch where the seeds'
-    curves have the same epochs (a fitted condition may stop at different epochs: its curve is the first seed's)."""
-    first = rows[0]
-    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-           for k, v in first.items() if k != "curve"}
-    same_epochs = all([p["epoch"] for p in r["curve"]] == [p["epoch"] for p in first["curve"]] for r in rows)
-    out["curve"] = ([{k: statistics.mean(r["curve"][i][k] for r in rows) for k in point} for i, point in enumerate(first["curve"])]
-                    if same_epochs else first["curve"])
-    return out
-
-
-def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int]) -> str:
-    """Mean ± sd over seeds of every condition of every experiment, and the paper's findings checked on the means."""
-    lines = [f"# sftguard --experiment {cfg.experiment}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
-             f"Mean ± sd over {len(seeds)} seeds (each seed: its own split, teacher, new facts and training order); "
-             "all numbers %. Per-seed tables: seed*/experiments.md.", ""]
-    for name in per_seed[0]:
-        rows = [res[name]["rows"] for res in per_seed]
-        lines += [f"## {name}", "", "| condition | new facts | width | epochs | new-fact acc | D_held acc | forgetting | drift |",
-                  "|---|---|---|---|---|---|---|---|"]
-        order = sorted(range(len(rows[0])), key=lambda i: (rows[0][i]["method"] in ("known_only", "l2"), rows[0][i]["width"],
-                                                          rows[0][i]["count"], str(rows[0][i]["key"]), rows[0][i]["method"] != "sft"))
-        for i in order:
-            r, same = rows[0][i], [seed_rows[i] for seed_rows in rows]  # the experiments run their conditions in a fixed order
-            new = "–" if r["method"] == "known_only" else mean_sd([x["new_acc"] for x in same])
-            epochs = "/".join(str(x["epochs"]) for x in same) if r.get("fit_target") is not None else str(r["epochs"])
-            lines.append(f"| {r['condition']} | {r['count']} | {r['width']} | {epochs} | {new} | {mean_sd([x['held_acc'] for x in same])} | "
-                         f"{mean_sd([x['forgetting'] for x in same])} | {mean_sd([x['drift'] for x in same])} |")
-        if name == "interference":
-            means = [mean_row([seed_rows[i] for seed_rows in rows]) for i in range(len(rows[0]))]
-            lines += ["", "The paper's findings, checked on the means over seeds:", ""]
-            lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means, per_seed[0][name]["counts"])]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def run_experiment_seeds(cfg: Config, seeds: list[int]) -> dict:
-    """--experiment X --seeds 0,1,2: the experiments once per seed into DIR/seed<N>/ (finished seeds are reused),
-    then DIR/experiments-seeds.md with mean ± sd over seeds."""
-    root = Path(cfg.out or default_out(cfg))
-    names, _, _ = experiment_plan(cfg)
-    per_seed = []
-    for seed in seeds:
-        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
-        folder = Path(seed_cfg.out)
-        if all((folder / f"{n}.json").is_file() for n in names) and not cfg.overwrite:
-            print(f"seed {seed}: reusing the finished experiments in {folder}")
-            per_seed.append({n: json.loads((folder / f"{n}.json").read_text()) for n in names})
-        else:
-            per_seed.append(run_experiments(seed_cfg))
-    report = experiment_seeds_markdown(per_seed, cfg, seeds)
-    write_text_atomic(root / "experiments-seeds.md", report)
-    print("\n" + report + f"\nwritten to {root / 'experiments-seeds.md'}")
-    return {"per_seed": per_seed}
-
-
-def run_seeds(cfg: Config) -> dict:
-    """--seeds 0,1,2: the same study once per seed (each from its own teacher), then mean ± sd of every method."""
-    seeds = parse_seeds(cfg.seeds)
-    if cfg.experiment:
-        return run_experiment_seeds(cfg, seeds)
-    root = Path(cfg.out or default_out(cfg))
-    per_seed = []
-    for seed in seeds:
-        seed_cfg = replace(cfg, seed=seed, seeds="", out=str(root / f"seed{seed}"))
-        folders = output_folders(seed_cfg)
-        if all((f / "results.json").is_file() for f in folders.values()) and not cfg.overwrite:
-            print(f"seed {seed}: reusing the finished run in {seed_cfg.out}")
-        else:
-            main(seed_cfg)
-        per_seed.append([json.loads((f / "results.json").read_text()) for f in folders.values()])
-    report = seeds_markdown(per_seed, cfg, seeds)
-    plotted = plot_forgetting_curves(root / "forgetting.png", per_seed, seeds)
-    report += ("\n![forgetting over training](forgetting.png)\n" if plotted else
-               "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n")
-    write_text_atomic(root / "seeds.md", report)
-    print("\n" + report + f"\nwritten to {root / 'seeds.md'}")
-    return {"per_seed": per_seed}
+    parser = HfArgumentParser(Config)
+    known, _ = parser.parse_known_args(argv)
+    if known.preset not in PRESETS:
+        raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
+    parser.set_defaults(**PRESETS[known.preset])
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # HfArgumentParser would raise a ValueError with a traceback
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see python sftguard.py --help")
+    check_config(cfg)
+    return with_fresh_default_out(cfg)
 
 
 def cli(argv=None):
