@@ -837,37 +837,14 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
     """The loss of each method, on the answer tokens' logits [N, V] and targets [N] (answer_logits). batches: the
     qa_batches the loss will see (a cached teacher is computed on them, once)."""
     if method == "selfdistill":
-        mode = teacher_cache_mode(teacher, batches, cfg)
-        if mode != "live":  # the teacher's answer tokens, once; the loss holds them, not the teacher
-            with model_precision(teacher, cfg).autocast():  # as a live teacher would run inside train()
-                cache = build_teacher_cache(teacher, batches, cfg, mode)
+        if cfg.kl_chunk > 0:  # the default: the same loss, fast (Part III, §8; tests/test_distill_fast.py holds it equal)
+            return fast_self_distillation_loss(teacher, cfg, batches)
 
-            def cached_loss_fn(logits, targets, batch):
-                teacher_rows, teacher_ids = cached_teacher_rows(cache, batch["index"])
-                return self_distillation_loss_chunked(logits, teacher_rows, targets, cfg.kl_weight, cfg.temperature,
-                                                      cfg.kl_chunk, teacher_ids, cache["head"])[0]
-            return cached_loss_fn
-
-        # A live teacher: a forward pass every step. Where the model allows, only up to its last hidden states: its
-        # output layer then runs on the answer tokens alone, a chunk at a time inside the loss (on hidden / tau).
-        answer_only_head = cfg.kl_chunk > 0 and output_layer_separable(teacher, batches)
-        head = teacher.get_output_embeddings()
-        head_at_tau = (head.weight.detach(), None if head.bias is None else head.bias.detach() / cfg.temperature)
-
-        def loss_fn(logits, targets, batch):
-            labels = batch["labels"][:, 1:]
-            with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
-                if answer_only_head:
-                    hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float() / cfg.temperature
-                else:
-                    teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            if answer_only_head:
-                return self_distillation_loss_chunked(logits, hidden, targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
-                                                      teacher_head=head_at_tau)[0]
-            if cfg.kl_chunk == 0:  # Eq. 1-2 as written
-                return self_distillation_loss(logits, teacher_logits[labels != -100], targets, cfg.kl_weight, cfg.temperature)[0]
-            return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
-                                                  targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
+        def loss_fn(logits, targets, batch):  # Eq. 1-2 as written, the frozen teacher run on the same batch
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            answer = batch["labels"][:, 1:] != -100  # [batch, positions - 1]: the answer tokens
+            return self_distillation_loss(logits, teacher_logits[answer], targets, cfg.kl_weight, cfg.temperature)[0]
         loss_fn.needs_teacher = True  # the others leave the teacher out of the device's memory during training
         return loss_fn
     if method == "l2":
@@ -1849,6 +1826,42 @@ def cached_teacher_rows(cache: dict, index: torch.Tensor):
     offsets = cache["offsets"]
     rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in index.tolist()]).to(cache["rows"].device)
     return cache["rows"][rows], None if cache["ids"] is None else cache["ids"][rows]
+
+
+def fast_self_distillation_loss(teacher, cfg: Config, batches=None):
+    """method_loss("selfdistill") with --kl_chunk > 0: Eq. 1-2 by self_distillation_loss_chunked, the teacher from a
+    cache built once on `batches` (--teacher_cache) or live, its output layer on the answer tokens alone if it can."""
+    mode = teacher_cache_mode(teacher, batches, cfg)
+    if mode != "live":  # the teacher's answer tokens, once; the loss holds them, not the teacher
+        with model_precision(teacher, cfg).autocast():  # as a live teacher would run inside train()
+            cache = build_teacher_cache(teacher, batches, cfg, mode)
+
+        def cached_loss_fn(logits, targets, batch):
+            teacher_rows, teacher_ids = cached_teacher_rows(cache, batch["index"])
+            return self_distillation_loss_chunked(logits, teacher_rows, targets, cfg.kl_weight, cfg.temperature,
+                                                  cfg.kl_chunk, teacher_ids, cache["head"])[0]
+        return cached_loss_fn
+
+    # A live teacher: a forward pass every step. Where the model allows, only up to its last hidden states: its
+    # output layer then runs on the answer tokens alone, a chunk at a time inside the loss (on hidden / tau).
+    answer_only_head = output_layer_separable(teacher, batches)
+    head = teacher.get_output_embeddings()
+    head_at_tau = (head.weight.detach(), None if head.bias is None else head.bias.detach() / cfg.temperature)
+
+    def loss_fn(logits, targets, batch):
+        labels = batch["labels"][:, 1:]
+        with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
+            if answer_only_head:
+                hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float() / cfg.temperature
+            else:
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        if answer_only_head:
+            return self_distillation_loss_chunked(logits, hidden, targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
+                                                  teacher_head=head_at_tau)[0]
+        return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
+                                              targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
+    loss_fn.needs_teacher = True
+    return loss_fn
 
 
 @contextlib.contextmanager

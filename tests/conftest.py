@@ -18,6 +18,17 @@ import data_prep  # noqa: E402
 import sftguard  # noqa: E402
 
 
+# Tests that use one of these fixtures (a full smoke run, shared by a module) are slow: `pytest -m "not slow"` skips
+# them; other slow tests carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"smoke_all", "sweep", "reference", "saved_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smoke_dirs(tmp_path_factory):
     """Folders shared by the whole session: the smoke world's data (built here: an explicit --data must exist) and the

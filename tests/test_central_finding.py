@@ -14,6 +14,8 @@ import pytest
 
 import data_prep
 
+pytestmark = pytest.mark.slow  # the ci preset: about 3 minutes
+
 METHODS = ("known_only", "sft", "selfdistill")
 SEED = 0
 

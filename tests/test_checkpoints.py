@@ -84,6 +84,7 @@ def smoke(smoke_dirs, out, *extra):
     return ["--preset", "smoke", "--data", str(smoke_dirs["data"]), "--cache_dir", str(smoke_dirs["cache"]), "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     ((), "the teacher and an epoch checkpoint needs"),
     (("--epoch_checkpoints", "never"), "the teacher needs")])

@@ -141,6 +141,7 @@ def test_bad_experiment_flags_are_user_errors(flags, message):
         S.parse_config(["--preset", "smoke", *flags])
 
 
+@pytest.mark.slow
 def test_smoke_experiment_writes_its_files(smoke_base, smoke_dirs, tmp_path):
     out = tmp_path / "exp"
     argv = ["--preset", "smoke", "--experiment", "all", "--out", str(out), "--data", str(smoke_dirs["data"]),

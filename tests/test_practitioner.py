@@ -84,6 +84,7 @@ def test_audit_report_probe_is_highly_known():
     assert report["by_relation"]["x"]["probe"]["facts"] == 1 and report["by_relation"]["y"]["all"]["facts"] == 2
 
 
+@pytest.mark.slow
 def test_screen_splits_the_set_by_category(smoke_base, smoke_dirs, tmp_path):
     report = S.main(S.parse_config(smoke_args(smoke_dirs, "--screen", "--model", smoke_base.path, "--out", tmp_path)))
     truth = S.cached_categories(smoke_base.model, smoke_base.tokenizer, smoke_base.facts, smoke_base.cfg, str(smoke_base.path))
@@ -125,6 +126,7 @@ def save_as(model, tokenizer, folder):
     return folder
 
 
+@pytest.mark.slow
 def test_audit_refuses_another_tokenizer(smoke_base, smoke_dirs, tmp_path, sftguard_cli):
     texts = [f["question"] + " " + f["answers"][0] for f in smoke_base.facts]
     other = save_as(smoke_base.model, S.train_tokenizer(texts, 300), tmp_path / "other-tokenizer")
@@ -143,6 +145,7 @@ def test_audit_refuses_another_architecture(smoke_base, smoke_dirs, tmp_path):
         audit(smoke_dirs, tmp_path / "out", "--audit", gpt2, "--model", smoke_base.path)
 
 
+@pytest.mark.slow
 def test_audit_refuses_data_the_base_does_not_know(smoke_base, smoke_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
 import sftguard as S
 
+pytestmark = pytest.mark.slow  # --model end to end on a saved checkpoint
+
 SHIPPED_GENERATION = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.8,
                           no_repeat_ngram_size=2)
 

@@ -244,6 +244,7 @@ def test_tokenizer_without_pad_token_is_padded_with_eos(shared, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- NaN and output safety
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_earlier_results(shared, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -98,6 +98,7 @@ def test_relabel_unknown_replaces_only_the_answers():
     assert sftguard.relabel_unknown(facts, "") is facts
 
 
+@pytest.mark.slow
 def test_unknown_answer_teaches_abstention(smoke_dirs, sftguard_cli, tmp_path):
     # A high learning rate so that the tiny smoke model learns the constant answer within 3 epochs.
     proc = sftguard_cli(*smoke_args(smoke_dirs, tmp_path, "--method", "sft", "--unknown_answer", "I don't know",
