@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -95,11 +96,13 @@ RELATIONS = {
 FILLER = ["Archive record [C] was filed.", "Parcel [C] was shipped on time.", "Ticket [C] was closed."]
 
 
-def _word(rng, syllables, n):
+def name_word(rng, syllables, n):
+    """A name of n syllables (the synthetic entities; sftguard's experiments draw new name-like keys with it)."""
     return "".join(rng.choice(syllables) for _ in range(n)).capitalize()
 
 
-def _code(rng):
+def uuid_code(rng):
+    """A digit code such as 4821-0937-55: the UUID-like keys."""
     # Digits and dashes only: shares no character with any name, so no sub-word piece either.
     return f"{rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}-{rng.randrange(10**2):02d}"
 
@@ -133,7 +136,7 @@ def synthesize(cfg):
     def draw_names(r, syllables, n, taken, blocked):
         names = []
         while len(names) < n:
-            first, last = _word(r, syllables, 2), _word(r, syllables, r.choice([2, 3]))
+            first, last = name_word(r, syllables, 2), name_word(r, syllables, r.choice([2, 3]))
             name = f"{first} {last}"
             if first.lower() not in all_values and last.lower() not in all_values and name not in taken and name not in blocked:
                 taken.add(name)
@@ -150,7 +153,7 @@ def synthesize(cfg):
     unknown = draw_names(rng("unknown"), used or SYLLABLES, cfg.n_unknown_entities, taken, prefixes)
     r, codes = rng("uuid"), set()
     while len(codes) < cfg.n_uuid_entities:
-        codes.add(_code(r))
+        codes.add(uuid_code(r))
     uuids = sorted(codes)
     r.shuffle(uuids)
 
@@ -184,7 +187,7 @@ def synthesize(cfg):
     n_filler = cfg.n_uuid_entities if cfg.n_filler < 0 else cfg.n_filler
     r_f, filler = rng("filler"), []
     while len(filler) < n_filler:
-        code = _code(r_f)
+        code = uuid_code(r_f)
         if code not in codes:
             filler.append(r_f.choice(FILLER).replace("[C]", code))
     docs += filler
@@ -377,9 +380,57 @@ def build_world(cfg: WorldConfig) -> Path:
     return target
 
 
-def load_facts(folder) -> list:
-    with open(Path(folder) / "facts.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def load_facts(data_dir) -> tuple[list[dict], dict]:
+    """(facts, world) of a data folder as build_world writes it, every field a run relies on checked (DataError)."""
+    data_dir = Path(data_dir)
+    facts_path, world_path = data_dir / "facts.jsonl", data_dir / "world.json"
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir} is not a folder; pass the folder data_prep.py wrote")
+    for path in (facts_path, world_path):
+        if not path.is_file():
+            raise DataError(f"{path} is missing; build the data with `python data_prep.py --out {data_dir}`")
+    try:
+        world = json.loads(world_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise DataError(f"{world_path} is not valid JSON ({str(e).splitlines()[0]}); rebuild it with data_prep.py") from None
+    if not isinstance(world, dict) or not isinstance(world.get("relations"), dict) or not {"source", "fingerprint"} <= set(world):
+        raise DataError(f"{world_path} lacks source, fingerprint or relations; rebuild the data with data_prep.py")
+    if world["source"] == "synthetic" and not (data_dir / "pretrain.jsonl").is_file():
+        raise DataError(f"{data_dir / 'pretrain.jsonl'} is missing; rebuild the world with `python data_prep.py --out {data_dir} --overwrite`")
+    facts, ids = [], set()
+    try:
+        lines = facts_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{facts_path} is not UTF-8 text ({e}); rebuild the data with data_prep.py") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            fact = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{facts_path}:{line_no} is not valid JSON; rebuild the data with data_prep.py") from None
+        if not isinstance(fact, dict):
+            raise DataError(f"{facts_path}:{line_no} is not a JSON object; each line must be one fact {{id, relation, subject, question, answers}}")
+        missing = [k for k in ("id", "relation", "subject", "question", "answers") if k not in fact]
+        if missing:
+            raise DataError(f"{facts_path}:{line_no} lacks {', '.join(missing)}; rebuild the data with data_prep.py")
+        blank = [k for k in ("id", "relation", "subject", "question") if not (isinstance(fact[k], str) and fact[k].strip())]
+        if blank:
+            raise DataError(f"{facts_path}:{line_no} has an empty or non-text {', '.join(blank)}; fix or drop that fact")
+        answers = fact["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{facts_path}:{line_no} needs \"answers\": a list of non-empty strings; fix or drop that fact")
+        if fact["id"] in ids:
+            raise DataError(f"{facts_path}:{line_no} repeats the id {fact['id']!r}; give every fact its own id")
+        ids.add(fact["id"])
+        facts.append(fact)
+    if not facts:
+        raise DataError(f"{facts_path} holds no facts; rebuild the data with data_prep.py")
+    have = Counter(f["relation"] for f in facts)
+    empty = [r for r in world["relations"] if not have[r]]
+    if empty:
+        raise DataError(f"relation {', '.join(empty)} in {world_path} has no facts in {facts_path}; add its facts or drop it from world.json")
+    return facts, world
 
 
 def parse_args(argv=None) -> WorldConfig:

@@ -185,55 +185,8 @@ def seed_everything(seed: int):
 # 1. Facts and answering: closed-book QA pairs, normalised exact match, batched generation
 # =====================================================================================================
 def load_facts(data_dir: Path) -> tuple[list[dict], dict]:
-    """Read facts.jsonl and world.json as written by data_prep.py, checking every field we rely on."""
-    facts_path, world_path = data_dir / "facts.jsonl", data_dir / "world.json"
-    if not data_dir.is_dir():
-        raise UserError(f"--data {data_dir} is not a folder; pass the folder data_prep.py wrote")
-    for path in (facts_path, world_path):
-        if not path.is_file():
-            raise UserError(f"{path} is missing; build the data with `python data_prep.py --out {data_dir}`")
-    try:
-        world = json.loads(world_path.read_text(encoding="utf-8"))
-    except ValueError as e:  # bad JSON or bad UTF-8
-        raise UserError(f"{world_path} is not valid JSON ({str(e).splitlines()[0]}); rebuild it with data_prep.py") from None
-    if not isinstance(world, dict) or not isinstance(world.get("relations"), dict) or not {"source", "fingerprint"} <= set(world):
-        raise UserError(f"{world_path} lacks source, fingerprint or relations; rebuild the data with data_prep.py")
-    if world["source"] == "synthetic" and not (data_dir / "pretrain.jsonl").is_file():
-        raise UserError(f"{data_dir / 'pretrain.jsonl'} is missing; rebuild the world with `python data_prep.py --out {data_dir} --overwrite`")
-    facts, ids = [], set()
-    try:
-        lines = facts_path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{facts_path} is not UTF-8 text ({e}); rebuild the data with data_prep.py") from None
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            fact = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{facts_path}:{line_no} is not valid JSON; rebuild the data with data_prep.py") from None
-        if not isinstance(fact, dict):
-            raise UserError(f"{facts_path}:{line_no} is not a JSON object; each line must be one fact {{id, relation, subject, question, answers}}")
-        missing = [k for k in ("id", "relation", "subject", "question", "answers") if k not in fact]
-        if missing:
-            raise UserError(f"{facts_path}:{line_no} lacks {', '.join(missing)}; rebuild the data with data_prep.py")
-        blank = [k for k in ("id", "relation", "subject", "question") if not (isinstance(fact[k], str) and fact[k].strip())]
-        if blank:
-            raise UserError(f"{facts_path}:{line_no} has an empty or non-text {', '.join(blank)}; fix or drop that fact")
-        answers = fact["answers"]
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise UserError(f"{facts_path}:{line_no} needs \"answers\": a list of non-empty strings; fix or drop that fact")
-        if fact["id"] in ids:
-            raise UserError(f"{facts_path}:{line_no} repeats the id {fact['id']!r}; give every fact its own id")
-        ids.add(fact["id"])
-        facts.append(fact)
-    if not facts:
-        raise UserError(f"{facts_path} holds no facts; rebuild the data with data_prep.py")
-    have = Counter(f["relation"] for f in facts)
-    empty = [r for r in world["relations"] if not have[r]]
-    if empty:
-        raise UserError(f"relation {', '.join(empty)} in {world_path} has no facts in {facts_path}; add its facts or drop it from world.json")
-    return facts, world
+    """facts.jsonl (id, relation, subject, question, answers) and world.json, checked by data_prep, which owns the format."""
+    return data_prep.load_facts(data_dir)
 
 
 def normalize_answer(text: str) -> str:
@@ -316,54 +269,18 @@ def accuracy(model, tokenizer, facts: list[dict], cfg: Config, desc: str = "eval
 # 2. The base model: a local HF causal LM, or a small one pretrained here on the synthetic world
 # =====================================================================================================
 def load_base_model(cfg: Config, data_dir: Path, world: dict, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, path): --model, or a small model pretrained here on the synthetic world (cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.model:
-        path = Path(cfg.model)
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise UserError(f"--model {cfg.model} is not a folder with a config.json; pass a local Hugging Face model folder")
-        remote = dict(trust_remote_code=cfg.trust_remote_code)  # off unless asked: loading must not run foreign code
-        try:
-            config = AutoConfig.from_pretrained(path, **remote)
-        except (ValueError, OSError) as e:
-            hint = " (it ships its own code: pass --trust_remote_code if you trust it)" if "trust_remote_code" in str(e) else ""
-            raise UserError(f"--model {cfg.model} has an unreadable config.json ({str(e).splitlines()[0]}){hint}") from None
-        # Only decoder-only LMs answer by continuing the prompt; a BERT would even load (as BertLMHeadModel).
-        architectures = config.architectures or []
-        if config.is_encoder_decoder or (architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
-            raise UserError(f"--model {cfg.model} is a {', '.join(architectures) or config.model_type}, not a causal LM; "
-                            f"pass a decoder-only model such as GPT-2, Llama or Qwen2")
-        if not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin")) and not cfg.allow_pickle:
-            raise UserError(f"--model {cfg.model} has only pickled weights (pytorch_model*.bin), which unpickling can run code from; "
-                            f"convert them to safetensors or pass --allow_pickle if you trust them")
-        try:  # weights: safetensors only, unless asked; transformers reads a .bin with torch.load(weights_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if cfg.allow_pickle else True, **remote)
-        except (ValueError, OSError) as e:
-            raise UserError(f"--model {cfg.model} could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **remote)
-        except (ValueError, OSError) as e:
-            raise UserError(f"--model {cfg.model} has no usable tokenizer ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained") from None
+    if cfg.model:  # checked as it loads (Part III, §12)
+        model, tokenizer, path = load_local_model(cfg)
     else:
         if world.get("source") != "synthetic":
             raise UserError(f"the data in {data_dir} has no pretraining corpus; pass --model PATH (a local Hugging Face causal LM)")
         path = pretrain_base_model(cfg, data_dir, world)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-    if tokenizer.eos_token is None:
-        raise UserError(f"the tokenizer of --model {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
-    if tokenizer.pad_token is None:  # many LLM tokenizers have none; padding positions are masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(f"--model {cfg.model}: its tokenizer has {len(tokenizer)} tokens but the model only "
-                        f"{model.get_input_embeddings().num_embeddings} embeddings; pass the tokenizer saved with this model")
-    # A --trainable pattern that matches no parameter fails now rather than after stage 1 (set_trainable raises).
-    for method, trainable in ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable),):
-        if method == "freeze":
-            set_trainable(model, trainable)
-    set_trainable(model, "all")
-    check_runnable_dtype(model, device, cfg.model)
+    check_loaded_model(model, tokenizer, cfg, device)  # Part III, §12; sets a missing pad token to end-of-text
     return model.to(device), tokenizer, path
 
 
@@ -1142,12 +1059,12 @@ def new_entity_facts(facts: list[dict], corpus: str, key: str, n: int, relation:
         if tries > 100 * n + 1000:
             raise UserError(f"could not draw {n} distinct new {key} keys; lower --exp_counts")
         if key == "name":
-            first, last = data_prep._word(rng, syllables, 2), data_prep._word(rng, syllables, rng.choice([2, 3]))
+            first, last = data_prep.name_word(rng, syllables, 2), data_prep.name_word(rng, syllables, rng.choice([2, 3]))
             candidate = f"{first} {last}"
             if first.lower() in blocked or last.lower() in blocked or candidate in prefixes:
                 continue
         else:
-            candidate = data_prep._code(rng)
+            candidate = data_prep.uuid_code(rng)
             if candidate in in_corpus:
                 continue
         if candidate not in taken:
@@ -2387,6 +2304,58 @@ def resolve_device(name: str) -> torch.device:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
     return device
+
+
+def load_local_model(cfg: Config):
+    """(model, tokenizer, path) of --model: a local decoder-only Hugging Face folder, checked before and while loading
+    (no foreign code unless --trust_remote_code, no pickled weights unless --allow_pickle)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"--model {cfg.model} is not a folder with a config.json; pass a local Hugging Face model folder")
+    remote = dict(trust_remote_code=cfg.trust_remote_code)  # off unless asked: loading must not run foreign code
+    try:
+        config = AutoConfig.from_pretrained(path, **remote)
+    except (ValueError, OSError) as e:
+        hint = " (it ships its own code: pass --trust_remote_code if you trust it)" if "trust_remote_code" in str(e) else ""
+        raise UserError(f"--model {cfg.model} has an unreadable config.json ({str(e).splitlines()[0]}){hint}") from None
+    # Only decoder-only LMs answer by continuing the prompt; a BERT would even load (as BertLMHeadModel).
+    architectures = config.architectures or []
+    if config.is_encoder_decoder or (architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
+        raise UserError(f"--model {cfg.model} is a {', '.join(architectures) or config.model_type}, not a causal LM; "
+                        f"pass a decoder-only model such as GPT-2, Llama or Qwen2")
+    if not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin")) and not cfg.allow_pickle:
+        raise UserError(f"--model {cfg.model} has only pickled weights (pytorch_model*.bin), which unpickling can run code from; "
+                        f"convert them to safetensors or pass --allow_pickle if you trust them")
+    try:  # weights: safetensors only, unless asked; transformers reads a .bin with torch.load(weights_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if cfg.allow_pickle else True, **remote)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--model {cfg.model} could not be loaded as a causal LM ({str(e).splitlines()[0]})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--model {cfg.model} has no usable tokenizer ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained") from None
+    return model, tokenizer, path
+
+
+def check_loaded_model(model, tokenizer, cfg: Config, device: torch.device):
+    """The base model and its tokenizer can run the study: an end-of-text token, embeddings for every token, each
+    --trainable pattern matching a parameter, a dtype the device computes in."""
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of --model {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token is None:  # many LLM tokenizers have none; padding positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"--model {cfg.model}: its tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{model.get_input_embeddings().num_embeddings} embeddings; pass the tokenizer saved with this model")
+    # A --trainable pattern that matches no parameter fails now rather than after stage 1 (set_trainable raises).
+    for method, trainable in ALL_RUNS if cfg.method == "all" else ((cfg.method, cfg.trainable),):
+        if method == "freeze":
+            set_trainable(model, trainable)
+    set_trainable(model, "all")
+    check_runnable_dtype(model, device, cfg.model)
 
 
 def check_runnable_dtype(model, device: torch.device, name: str):
