@@ -627,9 +627,9 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     With checkpoint_dir, training continues after the checkpoint found there (--resume) and, if save_every_epoch, the
     state after each epoch replaces it (with checkpoint_extra(), a JSON-able dict of the caller's)."""
     device = next(model.parameters()).device
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)  # autocast and fp16 loss scaling (Part III, §10)
     model.float()  # master weights and AdamW state in float32 whatever the checkpoint's dtype (bf16 updates round to 0)
-    separable = output_layer_separable(model, batches)  # checked once, on the first example
+    separable = output_layer_separable(model, batches)  # the output layer on target tokens only? (Part III, §8)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = trainable_parameters(model)
@@ -638,12 +638,8 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = getattr(batches, "steps", None) or sum(1 for _ in batches(torch.Generator().manual_seed(seed)))
     total, warmup = epochs * steps_per_epoch, max(1, int(cfg.warmup_frac * epochs * steps_per_epoch))
-    step, tokens, train_seconds, first_epoch = 0, 0, 0.0, 1
-    if latest_checkpoint(checkpoint_dir) is not None:  # --resume: continue after the last completed epoch
-        state = load_epoch_checkpoint(latest_checkpoint(checkpoint_dir), model, optimizer, generator)
-        step, tokens, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-        first_epoch = epochs + 1 if state["stopped"] else state["epoch"] + 1
-        tqdm.write(f"{desc}: resumed after epoch {state['epoch']} (step {step}) from {latest_checkpoint(checkpoint_dir)}")
+    # --resume: after the last epoch checkpoint in checkpoint_dir (Part III, §11); else from step 0, epoch 1
+    step, tokens, train_seconds, first_epoch = resumed_training(checkpoint_dir, model, optimizer, generator, epochs, desc)
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     for epoch in range(first_epoch, epochs + 1):
         model.train()
@@ -655,10 +651,7 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             with precision.autocast():
                 logits, targets = answer_logits(model, batch, separable)
                 loss = loss_fn(logits, targets, batch)
-            if not torch.isfinite(loss):
-                bar.close()  # so that the message starts a line of its own
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                         f"lower the learning rate (--lr / --stage1_lr / --pretrain_lr)")
+            check_finite(loss, desc, epoch, step, bar)  # the NaN guard (Part III, §12)
             precision.backward_and_step(loss, optimizer, params, cfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -668,14 +661,10 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
             del logits, loss  # free the vocabulary-wide logits (and the graph) before the next step's forward pass
         train_seconds += time.perf_counter() - start
         stop = bool(on_epoch_end is not None and on_epoch_end(epoch))
-        if checkpoint_dir is not None and save_every_epoch:
-            try:
-                save_epoch_checkpoint(checkpoint_dir, epoch, model, optimizer, generator,
-                                      {"step": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": stop,
-                                       "extra": checkpoint_extra() if checkpoint_extra is not None else None})
-            except UserError:  # a full disk: the message starts a line of its own
-                bar.close()
-                raise
+        if checkpoint_dir is not None and save_every_epoch:  # for --resume (Part III, §11)
+            state = {"step": step, "tokens": tokens, "train_seconds": train_seconds, "stopped": stop,
+                     "extra": checkpoint_extra() if checkpoint_extra is not None else None}
+            save_epoch_checkpoint(checkpoint_dir, epoch, model, optimizer, generator, state, bar)
         if stop:
             break
     bar.close()
@@ -2098,14 +2087,19 @@ def write_json_atomic(path: Path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict):
+def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, generator, state: dict, bar=None):
     """Everything the next epoch depends on: weights, AdamW moments, the batch-order generator, the global RNGs.
     It replaces the last one, which is deleted first (once the disk is known to hold the new one)."""
     from safetensors.torch import save_model
 
     old = list(checkpoint_dir.glob("epoch-*"))
-    check_free_space(checkpoint_dir, epoch_checkpoint_bytes(model), "the student's epoch checkpoint", LESS_SPACE,
-                     reclaimed=sum(map(folder_bytes, old)))
+    try:
+        check_free_space(checkpoint_dir, epoch_checkpoint_bytes(model), "the student's epoch checkpoint", LESS_SPACE,
+                         reclaimed=sum(map(folder_bytes, old)))
+    except UserError:  # a full disk: the message starts a line of its own
+        if bar is not None:
+            bar.close()
+        raise
     for path in old:
         shutil.rmtree(path)
 
@@ -2119,6 +2113,26 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
 
     save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
+
+
+def resumed_training(checkpoint_dir: Path | None, model, optimizer, generator, epochs: int, desc: str) -> tuple:
+    """(step, tokens, train_seconds, first_epoch) to continue from: after the last epoch checkpoint in checkpoint_dir,
+    whose weights, optimizer and RNG states are loaded; (0, 0, 0.0, 1) when there is none."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return 0, 0, 0.0, 1
+    state = load_epoch_checkpoint(latest, model, optimizer, generator)
+    tqdm.write(f"{desc}: resumed after epoch {state['epoch']} (step {state['step']}) from {latest}")
+    first_epoch = epochs + 1 if state["stopped"] else state["epoch"] + 1
+    return state["step"], state["tokens"], state["train_seconds"], first_epoch
+
+
+def check_finite(loss, desc: str, epoch: int, step: int, bar):
+    """The NaN guard of train(): a loss that is nan or inf stops the run (exit 3) before anything is written."""
+    if not torch.isfinite(loss):
+        bar.close()  # so that the message starts a line of its own
+        raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}, step {step}; "
+                                 f"lower the learning rate (--lr / --stage1_lr / --pretrain_lr)")
 
 
 def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
