@@ -22,6 +22,7 @@ Read it top to bottom beside the paper; the sections follow its order:
     python sftguard.py --experiment all              # why SFT forgets: name-like vs UUID keys, width, cloning
 """
 
+import argparse
 import contextlib
 import copy
 import hashlib
@@ -60,45 +61,28 @@ from data_prep import QA_PROMPT, qa_text
 # 0. Configuration: one dataclass, a help line per field, presets as named overrides
 # =====================================================================================================
 @dataclass
-class Config:
+class StudyArgs:
+    """The study: which method(s), on which preset and seed, written where."""
+    _argument_group_name = "study"  # its --help heading (HfArgumentParser)
     method: str = field(default="selfdistill", metadata={"help": "sft | selfdistill | freeze | known_only | l2 | all (every method from one shared teacher)"})
-    preset: str = field(default="default", metadata={"help": "smoke (seconds; plumbing tests) | ci (a few minutes; the test that SFT forgets more than self-distillation) | default (the documented CPU run) | large (GPU or a patient CPU)"})
+    preset: str = field(default="default", metadata={"help": "smoke (seconds; tests) | ci (a few minutes; the central-finding test) | default (the CPU run) | large (GPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the few-shot prompts and training (the world and base model have their own)"})
+    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>, a fresh -2, -3, ... if that holds a run"})
+    sweep: str = field(default="", metadata={"help": "the frontier, each value and the controls from one teacher: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
+    seeds: str = field(default="", metadata={"help": "run once per seed (e.g. 0,1,2) into <out>/seed<N> (finished seeds reused), then mean and sd in seeds.md"})
+
+
+@dataclass
+class DataModelArgs:
+    """Data and model: the facts, and the base model (--model, or one pretrained here on the synthetic world)."""
+    _argument_group_name = "data and model"  # its --help heading (HfArgumentParser)
     data: str = field(default="", metadata={"help": "folder written by data_prep.py; empty: data/world-<preset>, built on first use"})
-    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>, or a fresh -2, -3... if that holds a run"})
     model: str = field(default="", metadata={"help": "path to a local Hugging Face causal LM; empty: pretrain a small model on the synthetic world (cached)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16, or fp16 without bf16; CPU: fp32) | fp32 | bf16 | fp16 autocast; weights stay fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (HF): less memory, ~1/3 more compute"})
-    cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
-    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (teacher, finished methods, last epoch); same flags needed"})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (by default they are deleted then; a killed run keeps them for --resume)"})
-    epoch_checkpoints: str = field(default="auto", metadata={"help": "per-epoch student checkpoints (weights + AdamW state): auto (when <= epoch_checkpoint_max_mb) | always | never"})
-    epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "auto: the largest epoch checkpoint written (7B: ~85 GB); else --resume restarts the method from the teacher"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "let --model load pickled weights (pytorch_model.bin) when it has no safetensors"})
-
-    # --- 3. SliCK knowledge categories (Gekhman et al. 2024: 10 prompts x (1 greedy + 16 samples), 4-shot)
-    slick_prompts: int = field(default=4, metadata={"help": "random few-shot prompts per fact (paper: 10)"})
-    slick_shots: int = field(default=4, metadata={"help": "exemplars of the same relation per prompt (paper: 4)"})
-    slick_samples: int = field(default=4, metadata={"help": "sampled answers per prompt, drawn only where greedy is never right (paper: 16)"})
-    slick_temperature: float = field(default=0.5, metadata={"help": "sampling temperature (paper: 0.5)"})
-    slick_top_k: int = field(default=40, metadata={"help": "top-k of sampling (paper: 40)"})
-    slick_max_facts: int = field(default=4000, metadata={"help": "categorise at most this many facts (a random sample); 0 = all"})
-
-    # --- 3. Split sizes, in facts (0 = all that are available)
-    n_known: int = field(default=500, metadata={"help": "|D_known|: Known facts for task-format learning and stage 2"})
-    n_unknown: int = field(default=500, metadata={"help": "|D_unknown|: Unknown facts, the new knowledge of stage 2"})
-    n_held: int = field(default=300, metadata={"help": "|D_held|: HighlyKnown facts never trained on, the forgetting probe"})
-    n_val: int = field(default=100, metadata={"help": "Known facts of other entities that stop stage 1 early"})
-
-    # --- 2. The synthetic base model (ignored with --model)
     arch: str = field(default="llama", metadata={"help": "llama | gpt2: the architecture of the model pretrained on the world"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_kv_head: int = field(default=0, metadata={"help": "llama: key/value heads shared by the query heads (grouped-query attention, as in Qwen2.5 and Llama 3); 0 = n_head"})
+    n_kv_head: int = field(default=0, metadata={"help": "llama: key/value heads shared by the query heads (grouped-query attention); 0 = n_head"})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP width / hidden width (the MLPs are where facts are stored)"})
     vocab_size: int = field(default=1024, metadata={"help": "byte-level BPE vocabulary trained on the corpus"})
     pretrain_epochs: int = field(default=60, metadata={"help": "passes over the pretraining corpus"})
@@ -106,47 +90,100 @@ class Config:
     pretrain_batch_size: int = field(default=32, metadata={"help": "sequences of pretrain_block tokens per step"})
     pretrain_block: int = field(default=128, metadata={"help": "tokens per pretraining sequence (documents are packed)"})
 
-    # --- 5. Stage 1: task-format learning
+
+@dataclass
+class SlickArgs:
+    """SliCK knowledge categories (Gekhman et al. 2024: 10 prompts x (1 greedy + 16 samples), 4-shot) and the splits."""
+    _argument_group_name = "SliCK"  # its --help heading (HfArgumentParser)
+    slick_prompts: int = field(default=4, metadata={"help": "random few-shot prompts per fact (paper: 10)"})
+    slick_shots: int = field(default=4, metadata={"help": "exemplars of the same relation per prompt (paper: 4)"})
+    slick_samples: int = field(default=4, metadata={"help": "sampled answers per prompt, drawn only where greedy is never right (paper: 16)"})
+    slick_temperature: float = field(default=0.5, metadata={"help": "sampling temperature (paper: 0.5)"})
+    slick_top_k: int = field(default=40, metadata={"help": "top-k of sampling (paper: 40)"})
+    slick_max_facts: int = field(default=4000, metadata={"help": "categorise at most this many facts (a random sample); 0 = all"})
+    n_known: int = field(default=500, metadata={"help": "|D_known|: Known facts for task-format learning and stage 2"})
+    n_unknown: int = field(default=500, metadata={"help": "|D_unknown|: Unknown facts, the new knowledge of stage 2"})
+    n_held: int = field(default=300, metadata={"help": "|D_held|: HighlyKnown facts never trained on, the forgetting probe"})
+    n_val: int = field(default=100, metadata={"help": "Known facts of other entities that stop stage 1 early"})
+
+
+@dataclass
+class TrainingArgs:
+    """Training: stage 1 (task format), stage 2 (factual SFT), freezing, the L2 control, evaluation."""
+    _argument_group_name = "training"  # its --help heading (HfArgumentParser)
     stage1_epochs: int = field(default=10, metadata={"help": "at most this many epochs on D_known (paper: 1), stopped on the validation split"})
     stage1_lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 1"})
     stage1_patience: int = field(default=2, metadata={"help": "stop stage 1 after this many epochs without a better validation accuracy"})
-
-    # --- 6. Stage 2: factual SFT
     epochs: int = field(default=12, metadata={"help": "epochs of stage 2 on D_known + D_unknown"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 2 (paper: 5e-5 for 1.5B-8B models)"})
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
-    kl_weight: float = field(default=1.0, metadata={"help": "selfdistill: lambda, the weight of the KL term (paper: 1)"})
-    temperature: float = field(default=0.5, metadata={"help": "selfdistill: tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="auto", metadata={"help": "selfdistill: auto (hidden when the model's logits are its output layer applied to its last hidden state, else fp32 if it fits in teacher_cache_max_mb, else live: always exact) | hidden (the teacher's last hidden state at each answer token and the log-normaliser of its logits, computed once, and its output layer / tau: the log-probabilities are one matmul away; exact to float rounding, d + 1 instead of V floats per token) | fp32 (the teacher's answer-token log-probs computed once and reused every epoch; exact to float rounding) | bf16 (half that memory; loss within 0.1 percent) | topk (teacher_topk tokens + a tail bucket, for large vocabularies; loss within 1 percent on the synthetic worlds) | live (a teacher forward pass every step, up to its last hidden states where the model allows: its output layer then runs on the answer tokens only)"})
-    teacher_cache_max_mb: int = field(default=1024, metadata={"help": "selfdistill with --teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) to keep in memory"})
-    teacher_topk: int = field(default=64, metadata={"help": "selfdistill with --teacher_cache topk: teacher tokens kept per answer token"})
-    kl_chunk: int = field(default=32, metadata={"help": "selfdistill: answer tokens per chunk of the loss (bounds the full-vocabulary tensors alive at once); 0 = the plain Eq. 1-2 function, with --teacher_cache live"})
-    trainable: str = field(default="attn", metadata={"help": "freeze: attn | mlp | embed | norm | all | layers:0,1 (comma-joined; by module structure) or a regex on names"})
-    l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
     warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    unknown_answer: str = field(default="", metadata={"help": "if set (e.g. \"I don't know\"), stage 2 trains D_unknown with this answer instead of the gold one and reports how often each split is answered with it"})
-    sweep: str = field(default="", metadata={"help": "the frontier: kl_weight=0,0.25,1 (selfdistill) | temperature=... (selfdistill) | l2_weight=... (l2), each from one teacher, plus the controls"})
-
-    seeds: str = field(default="", metadata={"help": "run the study (or --experiment) once per seed (e.g. 0,1,2) into <out>/seed<N>, then write seeds.md (experiments-seeds.md): mean and sd over seeds (a seed already finished there is reused)"})
-
-    # --- 1./6. Evaluation
+    trainable: str = field(default="attn", metadata={"help": "freeze: attn | mlp | embed | norm | all | layers:0,1 (comma-joined; by module structure) or a regex"})
+    l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
+    unknown_answer: str = field(default="", metadata={"help": "train D_unknown with this answer (e.g. \"I don't know\") and report how often each split gets it"})
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
     eval_batch_size: int = field(default=256, metadata={"help": "prompts per generation batch"})
 
-    # --- 7. The hypothesis experiments (why SFT forgets)
-    experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: run the paper's hypothesis experiments instead of --method (writes DIR/<experiment>.json, experiments.md)"})
+
+@dataclass
+class SelfDistillationArgs:
+    """Self-distillation (Eq. 1-2): CE + lambda * tau^2 * KL(teacher_tau || student_tau) on the answer tokens."""
+    _argument_group_name = "self-distillation"  # its --help heading (HfArgumentParser)
+    kl_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the KL term (paper: 1)"})
+    temperature: float = field(default=0.5, metadata={"help": "tau, the softening temperature of both distributions (paper: 0.5)"})
+    teacher_cache: str = field(default="auto", metadata={"help": "auto | hidden | fp32 | bf16 | topk | live: how the frozen teacher is computed (README: Self-distillation)"})
+    teacher_cache_max_mb: int = field(default=1024, metadata={"help": "--teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) kept"})
+    teacher_topk: int = field(default=64, metadata={"help": "--teacher_cache topk: teacher tokens kept per answer token"})
+    kl_chunk: int = field(default=32, metadata={"help": "answer tokens per chunk of the fast loss; 0 = the plain Eq. 1-2 function (with --teacher_cache live)"})
+
+
+@dataclass
+class ExperimentArgs:
+    """Why SFT forgets: the hypothesis experiments."""
+    _argument_group_name = "experiments (why SFT forgets)"  # its --help heading (HfArgumentParser)
+    experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: the hypothesis experiments instead of --method"})
     exp_counts: str = field(default="100,300,1000", metadata={"help": "numbers of synthetic new facts per condition (comma list; the paper: 1e3..1e6)"})
-    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths of the base model besides --n_embd (comma list); empty: 3/4 n_embd. Each is pretrained once and cached"})
+    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths besides --n_embd (comma list); empty: 3/4 n_embd; each pretrained once, cached"})
     exp_relation: str = field(default="country", metadata={"help": "the one relation of the synthetic new facts (the paper's P17 analogue)"})
     exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: at most this many epochs to fit UUID-key facts to the name-key facts' accuracy; 0 = 3 x --epochs"})
 
-    # --- 7b. Practitioners' tools
+
+@dataclass
+class PractitionerArgs:
+    """Practitioners' tools: audit a fine-tune, screen an SFT set, keep the models."""
+    _argument_group_name = "practitioners' tools"  # its --help heading (HfArgumentParser)
     save_model: bool = field(default=False, metadata={"help": "keep each method's final model in <out>/model/ and the teacher in <run>/teacher/ (Hugging Face folders)"})
     audit: str = field(default="", metadata={"help": "FINETUNED: audit this model folder (or PEFT adapter) against --model BASE on --data; writes audit.* to --out"})
     audit_facts: str = field(default="", metadata={"help": "with --audit: only the held-out facts that the sftguard run in this folder evaluated"})
     audit_examples: int = field(default=20, metadata={"help": "with --audit: newly hallucinated facts listed as examples in audit.md"})
     screen: bool = field(default=False, metadata={"help": "label every example of --data (your QA fine-tuning set) with --model's SliCK category; writes to --out"})
+
+
+@dataclass
+class EngineeringArgs:
+    """Engineering: device, precision, caches, checkpoints and resume, trust (skip on a first read)."""
+    _argument_group_name = "engineering"  # its --help heading (HfArgumentParser)
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16, or fp16 without bf16; CPU: fp32) | fp32 | bf16 | fp16 autocast; weights stay fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (HF): less memory, ~1/3 more compute"})
+    cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
+    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (teacher, finished methods, last epoch); same flags needed"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (a killed run always keeps them for --resume)"})
+    epoch_checkpoints: str = field(default="auto", metadata={"help": "per-epoch student checkpoints (weights + AdamW state): auto (when <= epoch_checkpoint_max_mb) | always | never"})
+    epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "auto: the largest epoch checkpoint written (7B: ~85 GB); else --resume restarts the method from the teacher"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
+    allow_pickle: bool = field(default=False, metadata={"help": "let --model load pickled weights (pytorch_model.bin) when it has no safetensors"})
+
+
+# --help shows one group per dataclass, in this order; the code reads one Config with every field (cfg.lr, ...).
+ARG_GROUPS = (StudyArgs, DataModelArgs, SlickArgs, TrainingArgs, SelfDistillationArgs, ExperimentArgs, PractitionerArgs, EngineeringArgs)
+
+
+@dataclass
+class Config(EngineeringArgs, PractitionerArgs, ExperimentArgs, SelfDistillationArgs, TrainingArgs, SlickArgs, DataModelArgs, StudyArgs):
+    """Every flag of every group (fields in --help order)."""
 
 
 # Presets are small sets of overrides, as in nanoGPT; flags given on the command line win.
@@ -3013,15 +3050,26 @@ def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
 # =====================================================================================================
 # 15. The command line
 # =====================================================================================================
+class OneLineHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with one line per flag (help lines are <= 110 characters; argparse would wrap them at 80)."""
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28, width=240)
+
+    def _format_action_invocation(self, action):  # "--n_layer", not "--n_layer N_LAYER, --n-layer N_LAYER"
+        return next((o for o in action.option_strings if o.startswith("--")), None) or super()._format_action_invocation(action)
+
+
 def parse_config(argv=None) -> Config:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(Config)
+    parser = HfArgumentParser(ARG_GROUPS, formatter_class=OneLineHelp, usage="python sftguard.py [--flag value ...]",
+                              description="Flags by purpose, engineering last; README.md explains them at length.")
     known, _ = parser.parse_known_args(argv)
     if known.preset not in PRESETS:
         raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[known.preset])
-    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    cfg = Config(**{k: v for group in groups for k, v in asdict(group).items()})
     if unknown:  # HfArgumentParser would raise a ValueError with a traceback
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see python sftguard.py --help")
     check_config(cfg)

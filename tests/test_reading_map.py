@@ -33,6 +33,7 @@ def defined_names(source: str) -> tuple[set[str], set[str], dict[str, str]]:
     """(top-level functions/classes/constants, Config fields, {section number: section title})."""
     tree = ast.parse(source)
     names, fields = set(), set()
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -40,8 +41,9 @@ def defined_names(source: str) -> tuple[set[str], set[str], dict[str, str]]:
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names.add(node.target.id)
-        if isinstance(node, ast.ClassDef) and node.name == "Config":
-            fields.update(s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name))
+    config = classes.get("Config")  # its fields, and those of the --help groups it is composed of
+    for cls in [config] + [classes[b.id] for b in config.bases if isinstance(b, ast.Name) and b.id in classes] if config else []:
+        fields.update(s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name))
     sections = dict(re.findall(r"^# (\d+)\. (.+)$", source, flags=re.M))
     return names, fields, sections
 
