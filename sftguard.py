@@ -1280,6 +1280,38 @@ def condition_name(row: dict) -> str:
     return f"{CONDITION_NAMES[row['method']]}, {row['key']} keys{fitted}"
 
 
+def experiment_study(cfg: Config, width: int, device: torch.device) -> "Study":
+    """The Part I study (base model, split, teacher) at this hidden width, with the base model's states of the
+    held-out entities (the reference of drift) and the teacher's own drift."""
+    print(f"--- base model and teacher of width {width}")
+    study = prepare_study(replace(cfg, n_embd=width), device, keep_base=True)
+    if study.world.get("source") != "synthetic":
+        raise UserError("--experiment needs the synthetic world (its name-like and UUID keys); drop --data or point it at a data_prep.py world")
+    study.width = study.teacher.config.hidden_size
+    layer = drift_layer(study.teacher)
+    study.reference_states = entity_states(study.base, study.tokenizer, study.eval_sets["held"], layer)
+    study.base = None  # only its states are needed
+    study.teacher_measure = {"held_acc": study.teacher_scores["held_acc"], "drift": representation_drift(
+        study.reference_states, entity_states(study.teacher, study.tokenizer, study.eval_sets["held"], layer))}
+    return study
+
+
+def experiment_result(name: str, rows: list[dict], cfg: Config, counts, widths, studies: dict, new_facts: dict,
+                      probe: dict | None) -> dict:
+    """DIR/<name>.json: the conditions' rows, the setting, the teachers, the key types' token overlap, the L2 probe."""
+    study = studies[cfg.n_embd]
+    known = sorted({f["subject"] for f in study.facts if f.get("key") == "name" and f.get("in_pretraining")})
+    return {
+        "experiment": name, "seed": cfg.seed, "preset": cfg.preset, "counts": counts, "widths": widths, "epochs": cfg.epochs,
+        "relation": cfg.exp_relation, "drift": f"mean 1 - cos of hidden_states[{drift_layer(study.teacher)}] at the entity's "
+        "last token, held-out facts, against the base model before stage 1",
+        "key_token_overlap": {k: key_token_overlap(study.tokenizer, [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
+        "teacher": {str(w): {**s.teacher_scores, "drift": s.teacher_measure["drift"], "stage1": s.stage1} for w, s in studies.items()},
+        "l2_probe": ({"l2_weight": matched_l2_weight(probe["kl_grad_norm"], probe["distance"]), "steps": len(probe["distance"]),
+                      "mean_kl_grad_norm": sum(probe["kl_grad_norm"]) / len(probe["kl_grad_norm"])} if probe is not None else None),
+        "rows": rows}
+
+
 def run_experiments(cfg: Config) -> dict:
     """--experiment: prepare the teacher of every width once, run each condition once (conditions shared
     by several experiments are reused), write DIR/<experiment>.json, experiments.md and the plots."""
@@ -1294,24 +1326,15 @@ def run_experiments(cfg: Config) -> dict:
     if cfg.model or "capacity" not in names:  # a local model comes in one width
         widths = [cfg.n_embd]
     studies, new_facts, done = {}, {}, {}
+    probe_log = {"kl_grad_norm": [], "distance": []}  # filled by the first condition (interference runs it first)
 
     def study_of(width):
         if width not in studies:
-            print(f"--- base model and teacher of width {width}")
-            study = prepare_study(replace(cfg, n_embd=width), device, keep_base=True)
-            if study.world.get("source") != "synthetic":
-                raise UserError("--experiment needs the synthetic world (its name-like and UUID keys); drop --data or point it at a data_prep.py world")
-            study.width = study.teacher.config.hidden_size
-            layer = drift_layer(study.teacher)
-            study.reference_states = entity_states(study.base, study.tokenizer, study.eval_sets["held"], layer)
-            study.base = None  # only its states are needed
-            study.teacher_measure = {"held_acc": study.teacher_scores["held_acc"], "drift": representation_drift(
-                study.reference_states, entity_states(study.teacher, study.tokenizer, study.eval_sets["held"], layer))}
+            studies[width] = experiment_study(cfg, width, device)
             if not new_facts:
-                corpus = (study.data_dir / "pretrain.jsonl").read_text()
+                corpus = (studies[width].data_dir / "pretrain.jsonl").read_text()
                 for key in KEY_TYPES:
-                    new_facts[key] = new_entity_facts(study.facts, corpus, key, counts[-1], cfg.exp_relation, cfg.seed)
-            studies[width] = study
+                    new_facts[key] = new_entity_facts(studies[width].facts, corpus, key, counts[-1], cfg.exp_relation, cfg.seed)
         return studies[width]
 
     def run(width, key, n, method, *, epochs=None, fit_target=None, probe=False):
@@ -1320,11 +1343,9 @@ def run_experiments(cfg: Config) -> dict:
         if memo not in done:
             study = study_of(width)
             facts = new_facts[key][:n] if key else []
-            probe_log = {"kl_grad_norm": [], "distance": []} if probe else None
-            l2 = matched_l2_weight(done["probe"]["kl_grad_norm"], done["probe"]["distance"]) if method == "l2" else None
-            done[memo] = run_condition(study, facts, method, cfg, epochs=epochs, fit_target=fit_target, l2_weight=l2, probe=probe_log)
-            if probe:
-                done["probe"] = probe_log
+            l2 = matched_l2_weight(probe_log["kl_grad_norm"], probe_log["distance"]) if method == "l2" else None
+            done[memo] = run_condition(study, facts, method, cfg, epochs=epochs, fit_target=fit_target, l2_weight=l2,
+                                       probe=probe_log if probe else None)
         return done[memo]
 
     experiments = {"interference": experiment_interference, "capacity": experiment_capacity, "cloning": experiment_cloning}
@@ -1332,18 +1353,8 @@ def run_experiments(cfg: Config) -> dict:
     for name in names:
         print(f"=== experiment {name}")
         rows = [{"condition": condition_name(r), **r} for r in experiments[name](run, counts, widths, cfg)]
-        study = studies[cfg.n_embd]
-        known = sorted({f["subject"] for f in study.facts if f.get("key") == "name" and f.get("in_pretraining")})
-        results[name] = {
-            "experiment": name, "seed": cfg.seed, "preset": cfg.preset, "counts": counts, "widths": widths, "epochs": cfg.epochs,
-            "relation": cfg.exp_relation, "drift": f"mean 1 - cos of hidden_states[{drift_layer(study.teacher)}] at the entity's "
-            "last token, held-out facts, against the base model before stage 1",
-            "key_token_overlap": {k: key_token_overlap(study.tokenizer, [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
-            "teacher": {str(w): {**s.teacher_scores, "drift": s.teacher_measure["drift"], "stage1": s.stage1} for w, s in studies.items()},
-            "l2_probe": ({"l2_weight": matched_l2_weight(done["probe"]["kl_grad_norm"], done["probe"]["distance"]), "steps": len(done["probe"]["distance"]),
-                          "mean_kl_grad_norm": sum(done["probe"]["kl_grad_norm"]) / len(done["probe"]["kl_grad_norm"])}
-                         if name == "interference" else None),
-            "rows": rows}
+        results[name] = experiment_result(name, rows, cfg, counts, widths, studies, new_facts,
+                                          probe_log if name == "interference" else None)
         write_json_atomic(root / f"{name}.json", results[name])
     plots = write_experiment_plots(root, results)
     report = experiments_markdown(results, plots, cfg, time.perf_counter() - wall_start)
