@@ -727,19 +727,12 @@ def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config, checkpoi
     """Stage 1: fine-tune the base model on D_known alone, keep the epoch with the best accuracy on the
     validation split, and freeze that snapshot as the teacher. With checkpoint_dir, the teacher is saved
     to checkpoint_dir/teacher/ (with the run's config), or loaded from there if a killed run saved it."""
-    from safetensors.torch import load_model, save_model
-
     model = copy.deepcopy(base_model)
-    saved = checkpoint_dir / "teacher" if checkpoint_dir is not None else None
-    if saved is not None and (saved / "stage1.json").is_file():  # --resume after stage 1
-        load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
-        tqdm.write(f"stage 1: resumed the teacher from {saved}")
-        return freeze_as_teacher(model), json.loads((saved / "stage1.json").read_text())
+    resumed = resumed_teacher(checkpoint_dir, model)  # --resume after stage 1 (Part III, §11)
+    if resumed is not None:
+        return freeze_as_teacher(model), resumed
     set_trainable(model, "all")
-    if saved is not None:  # before stage 1, not after it: room for the teacher and the largest epoch checkpoint
-        epoch_bytes = epoch_checkpoint_bytes(model) if saves_epoch_checkpoints(model, cfg) else 0
-        check_free_space(checkpoint_dir, model_bytes(model) + epoch_bytes,
-                         "the teacher and an epoch checkpoint" if epoch_bytes else "the teacher", LESS_SPACE if epoch_bytes else MORE_SPACE)
+    check_room_for_checkpoints(checkpoint_dir, model, cfg)  # before stage 1, not after it (Part III, §11)
     best = {"acc": -1.0, "state": None, "epoch": 0}
     history = []
 
@@ -755,14 +748,7 @@ def learn_task_format(base_model, tokenizer, splits: dict, cfg: Config, checkpoi
     model.load_state_dict(best["state"])
     teacher = freeze_as_teacher(model)
     stage1 = {"best_epoch": best["epoch"], "val_acc": best["acc"], "history": history}
-    if saved is not None:  # the one teacher checkpoint, written once
-        check_free_space(checkpoint_dir, model_bytes(teacher), "the teacher", MORE_SPACE)
-
-        def write(tmp: Path):
-            save_model(teacher, str(tmp / "model.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
-            (tmp / "stage1.json").write_text(json.dumps(stage1))
-        save_folder_atomic(saved, write)
+    save_teacher_checkpoint(checkpoint_dir, teacher, stage1, cfg)  # for --resume (Part III, §11)
     return teacher, stage1
 
 
@@ -801,10 +787,9 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
     """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
     the result is saved there when done and the student after every epoch where that is cheap (--epoch_checkpoints),
     and a killed run resumes from them (or restarts the method from the teacher)."""
-    if checkpoint_dir is not None and (checkpoint_dir / "result.json").is_file():  # --resume: finished before the kill
-        tqdm.write(f"{run_name(method, trainable)}: resumed the finished result from {checkpoint_dir}")
-        drop_epoch_checkpoints(checkpoint_dir)  # one a kill left beside the result
-        return json.loads((checkpoint_dir / "result.json").read_text())
+    finished = finished_result(checkpoint_dir, run_name(method, trainable))  # --resume (Part III, §11)
+    if finished is not None:
+        return finished
     started = time.perf_counter()
     seed_everything(cfg.seed)
     student = copy.deepcopy(teacher)
@@ -819,10 +804,7 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
         tqdm.write(f"  {run_name(method, trainable)} epoch {epoch}: " + "  ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "epoch"))
 
     batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
-    every_epoch = checkpoint_dir is not None and saves_epoch_checkpoints(student, cfg)
-    if checkpoint_dir is not None and not every_epoch and cfg.epoch_checkpoints == "auto":
-        tqdm.write(f"{run_name(method, trainable)}: no epoch checkpoints ({epoch_checkpoint_bytes(student) / 1e9:.3g} GB each, over "
-                   f"--epoch_checkpoint_max_mb); a killed run restarts this method from the teacher")
+    every_epoch = saves_epoch_checkpoints_here(checkpoint_dir, student, cfg, run_name(method, trainable))  # Part III, §11
     loss_fn = method_loss(method, student, teacher, cfg, batches)
     with teacher_off_device(teacher, loss_fn):
         stats = train(student, batches, loss_fn, epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable),
@@ -835,9 +817,7 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
               "train_tokens_per_s": stats["tokens_per_s"], "stage2_s": time.perf_counter() - started}
     if save_to is not None:  # --save_model: before result.json, so a resumed finished run has its model too
         save_hf_model(student, tokenizer, save_to)
-    if checkpoint_dir is not None:  # the result replaces the epoch checkpoint
-        write_json_atomic(checkpoint_dir / "result.json", result)
-        drop_epoch_checkpoints(checkpoint_dir)
+    save_finished_result(checkpoint_dir, result)  # for --resume: it replaces the epoch checkpoint
     return result
 
 
@@ -928,13 +908,7 @@ class Study:
 
 def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, checkpoint_dir: Path | None = None) -> Study:
     """data -> base model -> SliCK split -> stage 1 teacher: the path main and the experiments share."""
-    data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
-    if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
-        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
-                        f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
-    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
-        print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
-        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
+    data_dir = data_folder(cfg)  # --data, or the synthetic world of the preset, built on first use (Part III, §12)
     facts, world = load_facts(data_dir)
 
     # 2. The base model
@@ -2163,6 +2137,43 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
     save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
 
 
+def resumed_teacher(checkpoint_dir: Path | None, model) -> dict | None:
+    """--resume after stage 1: the teacher's weights loaded into model from checkpoint_dir/teacher/ and its stage-1
+    record returned; None when no teacher was saved there."""
+    from safetensors.torch import load_model
+
+    saved = checkpoint_dir / "teacher" if checkpoint_dir is not None else None
+    if saved is None or not (saved / "stage1.json").is_file():
+        return None
+    load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
+    tqdm.write(f"stage 1: resumed the teacher from {saved}")
+    return json.loads((saved / "stage1.json").read_text())
+
+
+def check_room_for_checkpoints(checkpoint_dir: Path | None, model, cfg: Config):
+    """Before stage 1: the disk must hold the teacher and, where they are written, the largest epoch checkpoint."""
+    if checkpoint_dir is None:
+        return
+    epoch_bytes = epoch_checkpoint_bytes(model) if saves_epoch_checkpoints(model, cfg) else 0
+    check_free_space(checkpoint_dir, model_bytes(model) + epoch_bytes,
+                     "the teacher and an epoch checkpoint" if epoch_bytes else "the teacher", LESS_SPACE if epoch_bytes else MORE_SPACE)
+
+
+def save_teacher_checkpoint(checkpoint_dir: Path | None, teacher, stage1: dict, cfg: Config):
+    """The one teacher checkpoint, written once after stage 1, with the run's config (--resume checks its flags)."""
+    from safetensors.torch import save_model
+
+    if checkpoint_dir is None:
+        return
+    check_free_space(checkpoint_dir, model_bytes(teacher), "the teacher", MORE_SPACE)
+
+    def write(tmp: Path):
+        save_model(teacher, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
+        (tmp / "stage1.json").write_text(json.dumps(stage1))
+    save_folder_atomic(checkpoint_dir / "teacher", write)
+
+
 def resumed_training(checkpoint_dir: Path | None, model, optimizer, generator, epochs: int, desc: str) -> tuple:
     """(step, tokens, train_seconds, first_epoch) to continue from: after the last epoch checkpoint in checkpoint_dir,
     whose weights, optimizer and RNG states are loaded; (0, 0, 0.0, 1) when there is none."""
@@ -2208,6 +2219,30 @@ def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return state
+
+
+def finished_result(checkpoint_dir: Path | None, name: str) -> dict | None:
+    """--resume: the result of a method that finished before the kill, or None."""
+    if checkpoint_dir is None or not (checkpoint_dir / "result.json").is_file():
+        return None
+    tqdm.write(f"{name}: resumed the finished result from {checkpoint_dir}")
+    drop_epoch_checkpoints(checkpoint_dir)  # one a kill left beside the result
+    return json.loads((checkpoint_dir / "result.json").read_text())
+
+
+def save_finished_result(checkpoint_dir: Path | None, result: dict):
+    if checkpoint_dir is not None:
+        write_json_atomic(checkpoint_dir / "result.json", result)
+        drop_epoch_checkpoints(checkpoint_dir)
+
+
+def saves_epoch_checkpoints_here(checkpoint_dir: Path | None, student, cfg: Config, name: str) -> bool:
+    """Whether this method's student is checkpointed after every epoch (said when auto decides against it)."""
+    every_epoch = checkpoint_dir is not None and saves_epoch_checkpoints(student, cfg)
+    if checkpoint_dir is not None and not every_epoch and cfg.epoch_checkpoints == "auto":
+        tqdm.write(f"{name}: no epoch checkpoints ({epoch_checkpoint_bytes(student) / 1e9:.3g} GB each, over "
+                   f"--epoch_checkpoint_max_mb); a killed run restarts this method from the teacher")
+    return every_epoch
 
 
 def drop_epoch_checkpoints(checkpoint_dir: Path):
@@ -2301,6 +2336,18 @@ def drop_checkpoints(checkpoints: Path, cfg: Config):
 # 12. Input checks: flags, devices, model folders, content fingerprints of the caches
 # =====================================================================================================
 TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
+
+
+def data_folder(cfg: Config) -> Path:
+    """--data, which must exist, or data/world-<preset>, built here on first use (one command from a fresh clone)."""
+    data_dir = Path(cfg.data or f"data/world-{cfg.preset}")
+    if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
+        raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
+                        f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
+    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
+        print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
+        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
+    return data_dir
 
 
 def check_config(cfg: Config):
