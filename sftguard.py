@@ -1149,6 +1149,15 @@ def answer_logits(model, batch, separable: bool):
     return model(**inputs).logits[:, :-1][target], labels[target]
 
 
+def sparse_tied_embedding_gradient(model):
+    """Tied input and output embeddings (GPT-2, Qwen2.5-1.5B): the output layer's dense [V, d] gradient arrives first
+    and becomes .grad; the input embedding's, a second dense [V, d] tensor of which only the batch's tokens' rows are
+    not zero, is then made sparse, so it adds those rows in place (the same gradient, one [V, d] tensor fewer)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, torch.nn.Embedding) and head is not None and head.weight is embedding.weight:
+        embedding.sparse = True
+
+
 def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc: str, weight_decay: float = 0.0,
           on_epoch_end=None, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_extra=None,
           save_every_epoch: bool = True) -> dict:
@@ -1165,6 +1174,7 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     separable = output_layer_separable(model, batches)  # checked once, on the first example
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sparse_tied_embedding_gradient(model)
     params = trainable_parameters(model)
     # fused: one kernel per step, without the parameter-sized temporaries of the for-each implementation
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
