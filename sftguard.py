@@ -669,6 +669,7 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     separable = output_layer_separable(model, batches)  # the output layer on target tokens only? (Part III, §8)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sparse_tied_embedding_gradient(model)  # one [V, d] gradient fewer where embeddings are tied (Part III, §10)
     params = trainable_parameters(model)
     # fused: one kernel per step, without the parameter-sized temporaries of the for-each implementation
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
@@ -1953,6 +1954,15 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 def model_precision(model, cfg: Config) -> Precision:
     return resolve_precision(cfg.precision, next(model.parameters()).device)
+
+
+def sparse_tied_embedding_gradient(model):
+    """Tied input and output embeddings (GPT-2, Qwen2.5-1.5B): the output layer's dense [V, d] gradient arrives first
+    and becomes .grad; the input embedding's, a second dense [V, d] tensor of which only the batch's tokens' rows are
+    not zero, is then made sparse, so it adds those rows in place (the same gradient, one [V, d] tensor fewer)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, torch.nn.Embedding) and head is not None and head.weight is embedding.weight:
+        embedding.sparse = True
 
 
 # --- The memory plan: what stage 2 will hold at its peak, against what the device has -------------------------

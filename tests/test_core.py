@@ -285,6 +285,32 @@ def test_training_frees_a_steps_logits_before_the_next_forward():
     assert len(alive_at_forward) == 3 and not any(alive_at_forward)
 
 
+def test_a_tied_embedding_gets_the_same_gradient_without_a_second_vocabulary_wide_tensor():
+    """train() makes a tied input embedding's gradient sparse: the same .grad as the dense one (a dense tensor, for
+    the optimizer), while the embedding's own backward hands over a sparse tensor instead of a [V, d] one. An untied
+    embedding is left dense (its gradient would otherwise reach the optimizer sparse)."""
+    model = tiny_model("gpt2").eval()  # tied: wte is lm_head; eval: no dropout, so both passes are the same
+    batch = next(random_batches(model.config.vocab_size)(torch.Generator().manual_seed(0)))
+    grads, layouts = [], []  # layouts: whether the embedding's backward is sparse
+    for sparse in (False, True):
+        model.zero_grad(set_to_none=True)
+        if sparse:
+            S.sparse_tied_embedding_gradient(model)
+        handle = model.get_input_embeddings().register_forward_hook(  # how the embedding's backward will run
+            lambda module, args, out: layouts.append(out.grad_fn._saved_sparse))
+        logits, targets = S.answer_logits(model, batch, separable=True)
+        S.next_token_loss(logits, targets).backward()
+        handle.remove()
+        grads.append(model.get_input_embeddings().weight.grad.clone())
+    assert layouts == [False, True]
+    assert grads[1].layout == torch.strided and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    untied = tiny_model("llama")
+    S.sparse_tied_embedding_gradient(untied)
+    assert not untied.get_input_embeddings().sparse
+    S.train(model, random_batches(model.config.vocab_size), S.next_token_loss, epochs=1, lr=1e-3, cfg=S.Config(), desc="t")
+    assert model.get_input_embeddings().sparse  # train() takes this path
+
+
 def test_training_on_the_smoke_world_moves_only_the_mlps(smoke_base):
     model = copy.deepcopy(smoke_base.model)
     trainable = set(S.set_trainable(model, "mlp"))

@@ -3,6 +3,7 @@ one sftguard pretrains, weights stored in bf16, a generation_config.json that sa
 
 The checkpoint is a Qwen2 that knows the smoke world: the smoke Llama's weights copied into a Qwen2 (the two
 share parameter names; Qwen2's q/k/v biases start at zero), which gives the same logits, then cast to bf16."""
+import copy
 import json
 import random
 
@@ -101,3 +102,18 @@ def test_categories_are_the_protocols_not_the_checkpoints_sampling(real_run, qwe
     S.seed_everything(0)
     clean = S.categorize_facts(model, tokenizer, S.category_pool(facts, cfg), cfg, random.Random(0))
     assert json.loads(saved[0].read_text()) == clean
+
+
+def test_a_checkpoint_in_a_dtype_the_device_cannot_compute_in_is_one_line(smoke_base, monkeypatch):
+    """float8 weights anywhere, bf16 weights on a GPU without bf16 (faked: no GPU here): a UserError naming a fix;
+    bf16 on a CPU and float32 anywhere run."""
+    model = smoke_base.model
+    S.check_runnable_dtype(model, torch.device("cpu"), "fp32-model")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    S.check_runnable_dtype(bf16, torch.device("cpu"), "bf16-model")
+    with pytest.raises(S.UserError, match="stored in torch.float8_e4m3fn.*bfloat16 or float32 copy"):
+        S.check_runnable_dtype(copy.deepcopy(model).to(torch.float8_e4m3fn), torch.device("cpu"), "fp8-model")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.raises(S.UserError, match="stored in bfloat16, which this GPU cannot compute in.*--precision fp16"):
+        S.check_runnable_dtype(bf16, torch.device("cuda"), "bf16-model")
+    S.check_runnable_dtype(model, torch.device("cuda"), "fp32-model")
