@@ -68,7 +68,7 @@ class StudyArgs:
     preset: str = field(default="default", metadata={"help": "smoke (seconds; tests) | ci (a few minutes; the central-finding test) | default (the CPU run) | large (GPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the few-shot prompts and training (the world and base model have their own)"})
     out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>, a fresh -2, -3, ... if that holds a run"})
-    sweep: str = field(default="", metadata={"help": "the frontier, each value and the controls from one teacher: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
+    sweep: str = field(default="", metadata={"help": "the frontier from one teacher, plus the controls: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
     seeds: str = field(default="", metadata={"help": "run once per seed (e.g. 0,1,2) into <out>/seed<N> (finished seeds reused), then mean and sd in seeds.md"})
 
 
@@ -3121,7 +3121,7 @@ def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
 class OneLineHelp(argparse.ArgumentDefaultsHelpFormatter):
     """--help with one line per flag (help lines are <= 110 characters; argparse would wrap them at 80)."""
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=28, width=240)
+        super().__init__(prog, max_help_position=30, width=240)
 
     def _format_action_invocation(self, action):  # "--n_layer", not "--n_layer N_LAYER, --n-layer N_LAYER"
         return next((o for o in action.option_strings if o.startswith("--")), None) or super()._format_action_invocation(action)
