@@ -1,20 +1,20 @@
 """sftguard: why fine-tuning on new facts makes a model forget old ones, and how self-distillation fixes it.
 
 A single-file reimplementation of Kaplan, Gekhman, Zhu, Rozner, Reif, Swayamdipta, Hoiem, Schwartz,
-"Why Fine-Tuning Encourages Hallucinations and How to Fix It" (arXiv 2604.15574, 2026).
-Read it top to bottom beside the paper; the sections follow its order:
+"Why Fine-Tuning Encourages Hallucinations and How to Fix It" (arXiv 2604.15574, 2026). It reads in two passes:
 
-  0. Configuration            one dataclass, a help line per field, presets as named overrides
-  1. Facts and answering      loading QA facts, exact match, batched greedy / sampled answering
-  2. The base model           a local Hugging Face causal LM, or a small one pretrained here on the world
-  3. Fact splitting (SliCK)   HighlyKnown / MaybeKnown / WeaklyKnown / Unknown -> D_known, D_unknown, D_held
-  4. Training                 the losses (CE, self-distillation Eq. 1-2, L2 pull), freezing, one loop
-  5. Stage 1                  task-format learning on D_known; the snapshot is the frozen teacher
-  6. Stage 2                  factual SFT on D_known + D_unknown by each method, evaluated every epoch
-  7. Why SFT forgets          the hypothesis experiments: capacity, behaviour cloning, localized interference;
-                              representation drift and the gradient-matched L2 control
-  7b. Practitioners' tools    --audit a fine-tune for forgetting, --screen an SFT set, the loss inside transformers' Trainer
-  8. Report                   results.json, results.md (laid out like the paper's Table 1), summary.md
+  Part I, the paper (read first, beside it; sections follow its order)
+    0. Configuration          one dataclass per --help group, composed into one Config; presets as named overrides
+    1. Facts and answering    QA facts, exact match, batched greedy / sampled answering
+    2. The base model         a local Hugging Face causal LM, or a small one pretrained here on the world
+    3. Fact splitting (SliCK) HighlyKnown / MaybeKnown / WeaklyKnown / Unknown -> D_known, D_unknown, D_held
+    4. Training               the losses (CE, self-distillation Eq. 1-2, L2 pull), freezing, the one loop train()
+    5. Stage 1                task-format learning on D_known; the snapshot is the frozen teacher
+    6. Stage 2                factual SFT on D_known + D_unknown by each method; 6b. results; main
+  Part II, why SFT forgets (7, 7b): the hypothesis experiments, drift, the gradient-matched L2 control, their report
+  Part III, engineering (8-15, skip on a first read): the fast self-distillation path and teacher caches (tested
+    equal to Eq. 1-2), parameter groups, precision and memory, checkpoints and atomic writes, input checks,
+    --sweep / --seeds, the practitioners' tools (--audit, --screen, the loss in a Trainer), the command line
 
     python sftguard.py --method selfdistill          # the paper's fix
     python sftguard.py --method all                  # every method from one shared teacher
@@ -432,23 +432,6 @@ def categorize_facts(model, tokenizer, facts: list[dict], cfg: Config, rng: rand
         for n, i in enumerate(never):
             sampled_ok[i] = [is_correct(a, facts[i]["answers"]) for j in range(k) for a in sampled[n * k + j]]
     return {f["id"]: slick_category(greedy_ok[i], sampled_ok[i]) for i, f in enumerate(facts)}
-
-
-def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) -> dict[str, str]:
-    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting), each
-    keyed by content: the model folder's files and the dtype / device it runs in, the facts' text, the settings."""
-    spec = json.dumps({"model": model_fingerprint(model_path, Path(cfg.cache_dir)),
-                       "runs_on": [str(model.dtype), model.device.type],
-                       "facts": [[f[k] for k in ("id", "relation", "subject", "question", "answers")] for f in facts],
-                       "slick": [cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples, cfg.slick_temperature, cfg.slick_top_k,
-                                 cfg.eval_batch_size]})  # the batch decides which random numbers each prompt's samples get
-    path = Path(cfg.cache_dir) / f"slick-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    seed_everything(0)
-    categories = categorize_facts(model, tokenizer, facts, cfg, random.Random(0))
-    write_json_atomic(path, categories)
-    return categories
 
 
 def category_pool(facts: list[dict], cfg: Config) -> list[dict]:
@@ -919,7 +902,7 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
     # 3. SliCK categories of the base model's knowledge, then the splits. UUID-key facts are kept for the
     # hypothesis experiments; the main study's new facts have name-like keys, as in the paper.
     pool = category_pool(facts, cfg)
-    categories = cached_categories(base, tokenizer, pool, cfg, model_path)
+    categories = cached_categories(base, tokenizer, pool, cfg, model_path)  # categorize_facts, once (Part III, §12)
     category_counts = {c: sum(v == c for v in categories.values()) for c in CATEGORIES}
     print("SliCK categories of the base model: " + ", ".join(f"{c} {n}" for c, n in category_counts.items()))
     rng = random.Random(cfg.seed)
@@ -2525,6 +2508,23 @@ def model_fingerprint(folder: Path, cache_dir: Path) -> str:
     """The content of a model folder: config, tokenizer and weight files (not the docs), whatever its path."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
     return hashlib.sha256(json.dumps([[p.name, file_sha256(p, cache_dir)] for p in files]).encode()).hexdigest()
+
+
+def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) -> dict[str, str]:
+    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting), each
+    keyed by content: the model folder's files and the dtype / device it runs in, the facts' text, the settings."""
+    spec = json.dumps({"model": model_fingerprint(model_path, Path(cfg.cache_dir)),
+                       "runs_on": [str(model.dtype), model.device.type],
+                       "facts": [[f[k] for k in ("id", "relation", "subject", "question", "answers")] for f in facts],
+                       "slick": [cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples, cfg.slick_temperature, cfg.slick_top_k,
+                                 cfg.eval_batch_size]})  # the batch decides which random numbers each prompt's samples get
+    path = Path(cfg.cache_dir) / f"slick-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    seed_everything(0)
+    categories = categorize_facts(model, tokenizer, facts, cfg, random.Random(0))
+    write_json_atomic(path, categories)
+    return categories
 
 
 # =====================================================================================================
