@@ -921,13 +921,13 @@ def prepare_study(cfg: Config, device: torch.device, keep_base: bool = False, ch
 
 def main(cfg: Config) -> dict:
     wall_start = time.perf_counter()
-    if cfg.experiment:  # 7. the hypothesis experiments: their own conditions from the same teacher path
+    if cfg.experiment:  # Part II: the hypothesis experiments, their own conditions from the same teacher path
         return run_experiments(cfg)
-    if cfg.audit or cfg.screen:  # 7b. the practitioners' tools
+    if cfg.audit or cfg.screen:  # the practitioners' tools (Part III, §14)
         return run_audit(cfg) if cfg.audit else run_screen(cfg)
     folders = output_folders(cfg)
     checkpoints = run_root(cfg) / "checkpoints"
-    check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost
+    check_output(cfg, folders, checkpoints)  # before any work, so earlier results are never lost (Part III, §11)
     device = resolve_device(cfg.device)
     resolve_precision(cfg.precision, device)  # a precision the device cannot run stops here, before any work
 
@@ -943,9 +943,9 @@ def main(cfg: Config) -> dict:
     if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
         save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
     train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
-    check_memory_plan(memory_plan(teacher, qa_batches(tokenizer, train_facts, cfg.batch_size), ALL_RUNS if cfg.sweep else runs,
-                                  cfg, device))
-    if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher
+    batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
+    check_memory_plan(memory_plan(teacher, batches, ALL_RUNS if cfg.sweep else runs, cfg, device))  # Part III, §10
+    if cfg.sweep:  # the frontier: each swept value and the controls, all from this one teacher (Part III, §13)
         report = run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common, cfg, folders, checkpoints)
         drop_checkpoints(checkpoints, cfg)
         return report
