@@ -1546,7 +1546,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         d loss / d logits = [softmax(z) - onehot(y) + kl_weight * tau * (p_student^tau - q)] / N.
 
     q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
-    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see teacher_target); or with
+    the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see topk_teacher_log_probs); or with
     teacher_head = (weight, bias) such that F.linear(row, weight, bias) are its logits at tau (the cache: its output
     layer / tau, rows its last hidden states; a live teacher: its own weight and bias / tau, rows hidden / tau, so
     nothing is copied), rows [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at tau in
@@ -1587,19 +1587,26 @@ class ChunkedSelfDistillation(torch.autograd.Function):
 
 
 def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
-    """log q, the teacher at tau, on the given rows, in float32 (log_p_student: the student's, for the top-k tail)."""
-    if teacher_head is not None:  # the output layer at tau on hidden states, less their log-normaliser if it is given
-        weight, bias = teacher_head
-        logits = F.linear(teacher_rows[rows, :weight.shape[1]].to(weight.dtype), weight, bias).float()
-        if teacher_rows.shape[1] == weight.shape[1]:
-            return F.log_softmax(logits, dim=-1)
-        return logits.sub_(teacher_rows[rows, -1:])
+    """log q, the teacher at tau, on the given rows, in float32, whichever of the three encodings the rows hold:
+    hidden states (teacher_head given), top-k + tail (teacher_ids given), or full log-probabilities (neither)."""
+    if teacher_head is not None:
+        return teacher_log_probs_from_hidden(teacher_rows[rows], teacher_head)
     if teacher_ids is None:
         return teacher_rows[rows].float()
-    return teacher_target(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
+    return topk_teacher_log_probs(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
 
 
-def teacher_target(log_p_student, top_and_tail, ids):
+def teacher_log_probs_from_hidden(hidden_rows, teacher_head):
+    """log q from hidden states [n, d], or [n, d + 1] with the log-normaliser of the teacher's logits at tau last (the
+    cache: one pass fewer); teacher_head = (weight, bias) with F.linear(row, weight, bias) the logits at tau."""
+    weight, bias = teacher_head
+    logits = F.linear(hidden_rows[:, :weight.shape[1]].to(weight.dtype), weight, bias).float()
+    if hidden_rows.shape[1] == weight.shape[1]:
+        return F.log_softmax(logits, dim=-1)
+    return logits.sub_(hidden_rows[:, -1:])
+
+
+def topk_teacher_log_probs(log_p_student, top_and_tail, ids):
     """Top-k + tail bucket: the teacher's k most likely tokens exactly, and its remaining mass spread over the other
     tokens in the student's proportions. KL to this q is the KL over k + 1 bins (top-k tokens, the tail), a lower
     bound of the full KL that equals it when the teacher's tail has the student's shape."""
