@@ -2006,9 +2006,8 @@ def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> Me
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     vocab, d = teacher.get_output_embeddings().weight.shape
     act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
-    examples = [batches.batch_of([i]) for i in range(batches.size)]
-    longest = max(e["input_ids"].shape[1] for e in examples)
-    answers = max(int((e["labels"][0, 1:] != -100).sum()) for e in examples) * cfg.batch_size
+    longest = max(len(ids) for ids, _ in batches.examples)  # the encoded examples: no tensor per example
+    answers = max(sum(t != -100 for t in labels[1:]) for _, labels in batches.examples) * cfg.batch_size
     kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
     extra = [kept]
     if any(m == "l2" for m, _ in runs):
