@@ -961,7 +961,7 @@ def main(cfg: Config) -> dict:
         result["wall_s"] = time.perf_counter() - wall_start
         write_results(folders[run_name(result["method"], result["trainable"])], result, cfg)
 
-    # 8. Report
+    # 6b. Results: the table laid out like the paper's Table 1
     table = table1(results)
     print("\n" + table)
     if cfg.method == "all":
