@@ -1532,7 +1532,8 @@ def self_distillation_loss_chunked(student_logits, teacher_rows, targets, kl_wei
                                    chunk: int, teacher_ids=None, teacher_head=None):
     """Eq. 1-2 as in self_distillation_loss (student_logits [N, V], targets [N]), with the teacher given one row per
     answer token, as teacher_answer_log_probs and cached_teacher_rows give them: log-probabilities at tau, or with
-    teacher_head (an output layer) hidden states, with or without log-normalisers. Returns (loss, kl)."""
+    teacher_head (the teacher's output layer, unscaled) its last hidden states, with or without log-normalisers.
+    Returns (loss, kl)."""
     if len(targets) != len(teacher_rows):
         raise RuntimeError(f"{len(teacher_rows)} teacher rows for {len(targets)} answer tokens: "
                            f"the teacher cache was built for other examples than this batch")
@@ -1547,11 +1548,10 @@ class ChunkedSelfDistillation(torch.autograd.Function):
 
     q is the teacher at tau: full-vocabulary log-probabilities [N, V] (any float dtype); or with teacher_ids [N, k]
     the top-k log-probabilities plus the tail's log-mass in a last column [N, k + 1] (see topk_teacher_log_probs); or with
-    teacher_head = (weight, bias) such that F.linear(row, weight, bias) are its logits at tau (the cache: its output
-    layer / tau, rows its last hidden states; a live teacher: its own weight and bias / tau, rows hidden / tau, so
-    nothing is copied), rows [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at tau in
-    a last column [N, d + 1] (the cache: one pass fewer), turned into log-probabilities a chunk at a time. The KL
-    output is for logging: it carries no gradient."""
+    teacher_head = (weight, bias), the teacher's output layer as it is (one convention for the cache and a live
+    teacher), its last hidden states [N, d] (log-softmax taken here) or those plus the log-normaliser of its logits at
+    tau in a last column [N, d + 1] (the cache: one pass fewer), turned into log-probabilities a chunk at a time as
+    F.linear(hidden, weight, bias) / tau. The KL output is for logging: it carries no gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, teacher_rows, teacher_ids, teacher_head, kl_weight: float, temperature: float,
@@ -1564,7 +1564,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
             z, y = logits[rows].float(), targets[rows]
             picked = (torch.arange(len(y), device=y.device), y)  # each row's target token
             log_p_tau = F.log_softmax(z / temperature, dim=-1)
-            log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows)
+            log_q = teacher_log_probs(log_p_tau, teacher_rows, teacher_ids, teacher_head, rows, temperature)
             q = log_q.exp()
             kl += q.view(-1).dot(log_q.view(-1)) - q.view(-1).dot(log_p_tau.view(-1))  # sum q (log q - log p), no copy
             del log_q  # one [chunk, V] block fewer alive for the rest of the chunk
@@ -1586,21 +1586,21 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None, None, None
 
 
-def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows):
+def teacher_log_probs(log_p_student, teacher_rows, teacher_ids, teacher_head, rows, temperature: float):
     """log q, the teacher at tau, on the given rows, in float32, whichever of the three encodings the rows hold:
     hidden states (teacher_head given), top-k + tail (teacher_ids given), or full log-probabilities (neither)."""
     if teacher_head is not None:
-        return teacher_log_probs_from_hidden(teacher_rows[rows], teacher_head)
+        return teacher_log_probs_from_hidden(teacher_rows[rows], teacher_head, temperature)
     if teacher_ids is None:
         return teacher_rows[rows].float()
     return topk_teacher_log_probs(log_p_student, teacher_rows[rows].float(), teacher_ids[rows].long())
 
 
-def teacher_log_probs_from_hidden(hidden_rows, teacher_head):
-    """log q from hidden states [n, d], or [n, d + 1] with the log-normaliser of the teacher's logits at tau last (the
-    cache: one pass fewer); teacher_head = (weight, bias) with F.linear(row, weight, bias) the logits at tau."""
+def teacher_log_probs_from_hidden(hidden_rows, teacher_head, temperature: float):
+    """log q at tau from last hidden states [n, d], or [n, d + 1] with the log-normaliser of the teacher's logits at tau
+    last (the cache: one pass fewer); teacher_head = (weight, bias), the teacher's output layer: logits = F.linear."""
     weight, bias = teacher_head
-    logits = F.linear(hidden_rows[:, :weight.shape[1]].to(weight.dtype), weight, bias).float()
+    logits = F.linear(hidden_rows[:, :weight.shape[1]].to(weight.dtype), weight, bias).float().div_(temperature)  # [n, V]
     if hidden_rows.shape[1] == weight.shape[1]:
         return F.log_softmax(logits, dim=-1)
     return logits.sub_(hidden_rows[:, -1:])
@@ -1649,11 +1649,12 @@ def teacher_forward_with_hidden(teacher, batch):
     return logits, seen[0]
 
 
-def teacher_output_layer(teacher, temperature: float):
-    """(weight, bias) / tau of the output layer: new tensors (the student's own may be tied to weights that train),
-    divided once here rather than the logits every step."""
+def teacher_output_layer(teacher, snapshot: bool = False):
+    """(weight, bias) of the teacher's output layer, unscaled (the loss divides its logits by tau). snapshot: copies,
+    for a cache that must stay what it was when built even if the model it came from trains on afterwards."""
     head = teacher.get_output_embeddings()
-    return head.weight.detach() / temperature, None if head.bias is None else head.bias.detach() / temperature
+    weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    return (weight.clone(), None if bias is None else bias.clone()) if snapshot else (weight, bias)
 
 
 def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> bool:
@@ -1695,7 +1696,7 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
 
     Rows are kept in example order: rows offsets[i]:offsets[i+1] are example i's answer tokens, left to right, so
     a batch in any order finds its rows by its examples' "index". mode: hidden (exact): the teacher's last hidden
-    states, each with the log-normaliser of its logits at tau (float32), and its output layer / tau in "head";
+    states, each with the log-normaliser of its logits at tau (float32), and a copy of its output layer in "head";
     fp32 (exact) or bf16 full-vocabulary log-probabilities at tau; topk: the teacher_topk largest log-probabilities,
     their token ids and the tail's log-mass."""
     if not isinstance(batches, QABatches):
@@ -1716,7 +1717,7 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         else:
             logits, hidden = teacher_forward_with_hidden(teacher, batch)
             logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
-        if mode == "hidden":  # log q = hidden @ (weight / tau) + bias / tau - log_norm: one matmul and one subtraction
+        if mode == "hidden":  # log q = (hidden @ weight + bias) / tau - log_norm: one matmul, a division, a subtraction
             log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
             rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
             continue
@@ -1729,7 +1730,7 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
         else:
             rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
     cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
-             "head": teacher_output_layer(teacher, cfg.temperature) if mode == "hidden" else None}
+             "head": teacher_output_layer(teacher, snapshot=True) if mode == "hidden" else None}
     tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
                f"{teacher_cache_bytes(cache) / 2**20:.1f} MB")
     return cache
@@ -1762,21 +1763,20 @@ def fast_self_distillation_loss(teacher, cfg: Config, batches=None):
         return cached_loss_fn
 
     # A live teacher: a forward pass every step. Where the model allows, only up to its last hidden states: its
-    # output layer then runs on the answer tokens alone, a chunk at a time inside the loss (on hidden / tau).
+    # output layer then runs on the answer tokens alone, a chunk at a time inside the loss (its own weights: no copy).
     answer_only_head = output_layer_separable(teacher, batches)
-    head = teacher.get_output_embeddings()
-    head_at_tau = (head.weight.detach(), None if head.bias is None else head.bias.detach() / cfg.temperature)
+    head = teacher_output_layer(teacher)
 
     def loss_fn(logits, targets, batch):
         labels = batch["labels"][:, 1:]
         with torch.no_grad():  # the teacher is frozen: no gradient, eval mode
             if answer_only_head:
-                hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float() / cfg.temperature
+                hidden = teacher_last_hidden(teacher, batch)[:, :-1][labels != -100].float()  # [N, d]
             else:
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         if answer_only_head:
             return self_distillation_loss_chunked(logits, hidden, targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk,
-                                                  teacher_head=head_at_tau)[0]
+                                                  teacher_head=head)[0]
         return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
                                               targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
     loss_fn.needs_teacher = True

@@ -191,13 +191,13 @@ def test_fast_method_loss_equals_plain(models, mode, loss_rtol, grad_rtol):
 
 def test_hidden_cache_rows_are_the_teachers_last_hidden_states(models):
     """Each batch's cached rows are the live teacher's last hidden states at its answer tokens plus the log-normaliser
-    of its logits at tau: through the output layer / tau, they give its log-probabilities at tau."""
+    of its logits at tau: through the output layer (a copy, unscaled) and / tau, they give its log-probabilities at tau."""
     teacher, _, tokenizer, facts, cfg = models
     batches = S.qa_batches(tokenizer, facts, 8)
     cache = S.build_teacher_cache(teacher, batches, replace(cfg, batch_size=7, temperature=0.7), "hidden")
     assert cache["rows"].shape == (batches.answer_tokens, teacher.config.hidden_size + 1)
     weight = teacher.get_output_embeddings().weight
-    assert cache["head"][0].data_ptr() != weight.data_ptr() and torch.allclose(cache["head"][0] * 0.7, weight)
+    assert cache["head"][0].data_ptr() != weight.data_ptr() and torch.equal(cache["head"][0], weight)
     for batch in batches(torch.Generator().manual_seed(1)):
         with torch.no_grad():
             logits, hidden = S.teacher_forward_with_hidden(teacher, batch)
@@ -205,7 +205,7 @@ def test_hidden_cache_rows_are_the_teachers_last_hidden_states(models):
         rows, ids = S.cached_teacher_rows(cache, batch["index"])
         assert ids is None
         assert torch.equal(rows[:, :-1], hidden[:, :-1][answer])
-        log_q = F.linear(rows[:, :-1], *cache["head"]) - rows[:, -1:]
+        log_q = F.linear(rows[:, :-1], *cache["head"]) / 0.7 - rows[:, -1:]
         assert torch.allclose(log_q, F.log_softmax(logits[:, :-1][answer] / 0.7, -1), atol=1e-4)  # matmuls of other shapes
 
 
