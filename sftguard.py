@@ -22,6 +22,8 @@ A single-file reimplementation of Kaplan, Gekhman, Zhu, Rozner, Reif, Swayamdipt
     python sftguard.py --experiment all              # why SFT forgets: name-like vs UUID keys, width, cloning
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import copy
@@ -64,12 +66,12 @@ from data_prep import QA_PROMPT, qa_text
 class StudyArgs:
     """The study: which method(s), on which preset and seed, written where."""
     _argument_group_name = "study"  # its --help heading (HfArgumentParser)
-    method: str = field(default="selfdistill", metadata={"help": "sft | selfdistill | freeze | known_only | l2 | all (every method from one shared teacher)"})
-    preset: str = field(default="default", metadata={"help": "smoke (seconds; tests) | ci (a few minutes; the central-finding test) | default (the CPU run) | large (GPU)"})
-    seed: int = field(default=0, metadata={"help": "seed of the splits, the few-shot prompts and training (the world and base model have their own)"})
-    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>, a fresh -2, -3, ... if that holds a run"})
-    sweep: str = field(default="", metadata={"help": "the frontier from one teacher, plus the controls: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
-    seeds: str = field(default="", metadata={"help": "run once per seed (e.g. 0,1,2) into <out>/seed<N> (finished seeds reused), then mean and sd in seeds.md"})
+    method: str = field(default="selfdistill", metadata={"help": "sft | selfdistill | freeze | known_only | l2 | all (one teacher)"})
+    preset: str = field(default="default", metadata={"help": "smoke (seconds) | ci (minutes; tests) | default (CPU) | large (GPU)"})
+    seed: int = field(default=0, metadata={"help": "seed of the splits, few-shot prompts and training (not of world, base model)"})
+    out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>(-2, -3, ...)"})
+    sweep: str = field(default="", metadata={"help": "a frontier from one teacher: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
+    seeds: str = field(default="", metadata={"help": "run once per seed (e.g. 0,1,2) into <out>/seed<N>; mean and sd in seeds.md"})
 
 
 @dataclass
@@ -77,12 +79,12 @@ class DataModelArgs:
     """Data and model: the facts, and the base model (--model, or one pretrained here on the synthetic world)."""
     _argument_group_name = "data and model"  # its --help heading (HfArgumentParser)
     data: str = field(default="", metadata={"help": "folder written by data_prep.py; empty: data/world-<preset>, built on first use"})
-    model: str = field(default="", metadata={"help": "path to a local Hugging Face causal LM; empty: pretrain a small model on the synthetic world (cached)"})
+    model: str = field(default="", metadata={"help": "a local Hugging Face causal LM folder; empty: pretrain one on the world (cached)"})
     arch: str = field(default="llama", metadata={"help": "llama | gpt2: the architecture of the model pretrained on the world"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_kv_head: int = field(default=0, metadata={"help": "llama: key/value heads shared by the query heads (grouped-query attention); 0 = n_head"})
+    n_kv_head: int = field(default=0, metadata={"help": "llama: key/value heads (grouped-query attention); 0 = n_head"})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP width / hidden width (the MLPs are where facts are stored)"})
     vocab_size: int = field(default=1024, metadata={"help": "byte-level BPE vocabulary trained on the corpus"})
     pretrain_epochs: int = field(default=60, metadata={"help": "passes over the pretraining corpus"})
@@ -97,7 +99,7 @@ class SlickArgs:
     _argument_group_name = "SliCK"  # its --help heading (HfArgumentParser)
     slick_prompts: int = field(default=4, metadata={"help": "random few-shot prompts per fact (paper: 10)"})
     slick_shots: int = field(default=4, metadata={"help": "exemplars of the same relation per prompt (paper: 4)"})
-    slick_samples: int = field(default=4, metadata={"help": "sampled answers per prompt, drawn only where greedy is never right (paper: 16)"})
+    slick_samples: int = field(default=4, metadata={"help": "samples per prompt, only where greedy is never right (paper: 16)"})
     slick_temperature: float = field(default=0.5, metadata={"help": "sampling temperature (paper: 0.5)"})
     slick_top_k: int = field(default=40, metadata={"help": "top-k of sampling (paper: 40)"})
     slick_max_facts: int = field(default=4000, metadata={"help": "categorise at most this many facts (a random sample); 0 = all"})
@@ -111,17 +113,17 @@ class SlickArgs:
 class TrainingArgs:
     """Training: stage 1 (task format), stage 2 (factual SFT), freezing, the L2 control, evaluation."""
     _argument_group_name = "training"  # its --help heading (HfArgumentParser)
-    stage1_epochs: int = field(default=10, metadata={"help": "at most this many epochs on D_known (paper: 1), stopped on the validation split"})
+    stage1_epochs: int = field(default=10, metadata={"help": "at most this many epochs on D_known (paper: 1), early-stopped on D_val"})
     stage1_lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 1"})
     stage1_patience: int = field(default=2, metadata={"help": "stop stage 1 after this many epochs without a better validation accuracy"})
     epochs: int = field(default=12, metadata={"help": "epochs of stage 2 on D_known + D_unknown"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of stage 2 (paper: 5e-5 for 1.5B-8B models)"})
     batch_size: int = field(default=32, metadata={"help": "QA pairs per step"})
-    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps with linear learning-rate warm-up (then cosine down to a tenth of the peak)"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up (then cosine to a tenth of the peak)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    trainable: str = field(default="attn", metadata={"help": "freeze: attn | mlp | embed | norm | all | layers:0,1 (comma-joined; by module structure) or a regex"})
+    trainable: str = field(default="attn", metadata={"help": "freeze trains: attn | mlp | embed | norm | all | layers:0,1 | regex | a,b"})
     l2_weight: float = field(default=1.0, metadata={"help": "l2: alpha in CE + alpha * ||theta - theta_teacher||^2"})
-    unknown_answer: str = field(default="", metadata={"help": "train D_unknown with this answer (e.g. \"I don't know\") and report how often each split gets it"})
+    unknown_answer: str = field(default="", metadata={"help": "train D_unknown with this answer (e.g. \"I don't know\"); report how often"})
     eval_max: int = field(default=400, metadata={"help": "evaluate each split on at most this many facts (a fixed random subset)"})
     eval_batch_size: int = field(default=256, metadata={"help": "prompts per generation batch"})
 
@@ -132,58 +134,25 @@ class SelfDistillationArgs:
     _argument_group_name = "self-distillation"  # its --help heading (HfArgumentParser)
     kl_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the KL term (paper: 1)"})
     temperature: float = field(default=0.5, metadata={"help": "tau, the softening temperature of both distributions (paper: 0.5)"})
-    teacher_cache: str = field(default="auto", metadata={"help": "auto | hidden | fp32 | bf16 | topk | live: how the frozen teacher is computed (README: Self-distillation)"})
-    teacher_cache_max_mb: int = field(default=1024, metadata={"help": "--teacher_cache auto: the largest fp32 cache (answer tokens x vocabulary x 4 bytes) kept"})
+    teacher_cache: str = field(default="auto", metadata={"help": "auto | hidden | fp32 | bf16 | topk | live: how the teacher is computed"})
+    teacher_cache_max_mb: int = field(default=1024, metadata={"help": "--teacher_cache auto: the largest fp32 cache kept, MB"})
     teacher_topk: int = field(default=64, metadata={"help": "--teacher_cache topk: teacher tokens kept per answer token"})
-    kl_chunk: int = field(default=32, metadata={"help": "answer tokens per chunk of the fast loss; 0 = the plain Eq. 1-2 function (with --teacher_cache live)"})
+    kl_chunk: int = field(default=32, metadata={"help": "answer tokens per chunk of the fast loss; 0: the plain Eq. 1-2 function"})
 
 
 @dataclass
 class ExperimentArgs:
     """Why SFT forgets: the hypothesis experiments."""
     _argument_group_name = "experiments (why SFT forgets)"  # its --help heading (HfArgumentParser)
-    experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: the hypothesis experiments instead of --method"})
-    exp_counts: str = field(default="100,300,1000", metadata={"help": "numbers of synthetic new facts per condition (comma list; the paper: 1e3..1e6)"})
-    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths besides --n_embd (comma list); empty: 3/4 n_embd; each pretrained once, cached"})
+    experiment: str = field(default="", metadata={"help": "interference | capacity | cloning | all: hypothesis experiments, not --method"})
+    exp_counts: str = field(default="100,300,1000", metadata={"help": "synthetic new facts per condition (comma list; paper: 1e3..1e6)"})
+    exp_widths: str = field(default="", metadata={"help": "capacity: hidden widths besides --n_embd (comma list); empty: 3/4 n_embd"})
     exp_relation: str = field(default="country", metadata={"help": "the one relation of the synthetic new facts (the paper's P17 analogue)"})
-    exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: at most this many epochs to fit UUID-key facts to the name-key facts' accuracy; 0 = 3 x --epochs"})
+    exp_fit_epochs: int = field(default=0, metadata={"help": "cloning: most epochs to fit UUID keys to name keys' accuracy; 0: 3 x --epochs"})
 
 
-@dataclass
-class PractitionerArgs:
-    """Practitioners' tools: audit a fine-tune, screen an SFT set, keep the models."""
-    _argument_group_name = "practitioners' tools"  # its --help heading (HfArgumentParser)
-    save_model: bool = field(default=False, metadata={"help": "keep each method's final model in <out>/model/ and the teacher in <run>/teacher/ (Hugging Face folders)"})
-    audit: str = field(default="", metadata={"help": "FINETUNED: audit this model folder (or PEFT adapter) against --model BASE on --data; writes audit.* to --out"})
-    audit_facts: str = field(default="", metadata={"help": "with --audit: only the held-out facts that the sftguard run in this folder evaluated"})
-    audit_examples: int = field(default=20, metadata={"help": "with --audit: newly hallucinated facts listed as examples in audit.md"})
-    screen: bool = field(default=False, metadata={"help": "label every example of --data (your QA fine-tuning set) with --model's SliCK category; writes to --out"})
-
-
-@dataclass
-class EngineeringArgs:
-    """Engineering: device, precision, caches, checkpoints and resume, trust (skip on a first read)."""
-    _argument_group_name = "engineering"  # its --help heading (HfArgumentParser)
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16, or fp16 without bf16; CPU: fp32) | fp32 | bf16 | fp16 autocast; weights stay fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass (HF): less memory, ~1/3 more compute"})
-    cache_dir: str = field(default=".cache/sftguard", metadata={"help": "where pretrained base models and SliCK categories are cached, keyed by world and config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --out (they stay until the new ones are written)"})
-    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (teacher, finished methods, last epoch); same flags needed"})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (a killed run always keeps them for --resume)"})
-    epoch_checkpoints: str = field(default="auto", metadata={"help": "per-epoch student checkpoints (weights + AdamW state): auto (when <= epoch_checkpoint_max_mb) | always | never"})
-    epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "auto: the largest epoch checkpoint written (7B: ~85 GB); else --resume restarts the method from the teacher"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (off: only architectures built into transformers load)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "let --model load pickled weights (pytorch_model.bin) when it has no safetensors"})
-
-
-# --help shows one group per dataclass, in this order; the code reads one Config with every field (cfg.lr, ...).
-ARG_GROUPS = (StudyArgs, DataModelArgs, SlickArgs, TrainingArgs, SelfDistillationArgs, ExperimentArgs, PractitionerArgs, EngineeringArgs)
-
-
-@dataclass
-class Config(EngineeringArgs, PractitionerArgs, ExperimentArgs, SelfDistillationArgs, TrainingArgs, SlickArgs, DataModelArgs, StudyArgs):
-    """Every flag of every group (fields in --help order)."""
+# Config (Part III, section 15) composes these groups with the practitioners' and the engineering flags into the one
+# object the code reads (cfg.lr, cfg.kl_weight, ...); --help shows a group per dataclass, engineering last.
 
 
 # Presets are small sets of overrides, as in nanoGPT; flags given on the command line win.
@@ -491,18 +460,6 @@ def split_facts(facts: list[dict], categories: dict[str, str], cfg: Config, rng:
             raise UserError(f"only {len(splits[name])} facts for the {name} split where --n_{name} {size} were asked; "
                             f"lower --n_{name} or use more data")
     return splits
-
-
-def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None:
-    """The synthetic world knows which facts were in pretraining: how well do the categories agree?"""
-    scored = [f for f in facts if f["id"] in categories and f.get("in_pretraining") is not None]
-    if not scored:
-        return None
-    table = {c: {"in_pretraining": 0, "not_in_pretraining": 0} for c in CATEGORIES}
-    for f in scored:
-        table[categories[f["id"]]]["in_pretraining" if f["in_pretraining"] else "not_in_pretraining"] += 1
-    agree = sum((categories[f["id"]] != "Unknown") == bool(f["in_pretraining"]) for f in scored)
-    return {"table": table, "agreement": agree / len(scored)}
 
 
 # =====================================================================================================
@@ -2332,7 +2289,7 @@ def drop_checkpoints(checkpoints: Path, cfg: Config):
 
 
 # =====================================================================================================
-# 12. Input checks: flags, devices, model folders, content fingerprints of the caches
+# 12. Input checks: flags, devices, model folders, content fingerprints of the caches; SliCK against the world's truth
 # =====================================================================================================
 TEACHER_CACHES = ("auto", "hidden", "fp32", "bf16", "topk", "live")
 
@@ -2531,6 +2488,19 @@ def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) ->
     categories = categorize_facts(model, tokenizer, facts, cfg, random.Random(0))
     write_json_atomic(path, categories)
     return categories
+
+
+# The synthetic world knows which facts were in pretraining: results.json reports how well SliCK finds them.
+def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None:
+    """The synthetic world knows which facts were in pretraining: how well do the categories agree?"""
+    scored = [f for f in facts if f["id"] in categories and f.get("in_pretraining") is not None]
+    if not scored:
+        return None
+    table = {c: {"in_pretraining": 0, "not_in_pretraining": 0} for c in CATEGORIES}
+    for f in scored:
+        table[categories[f["id"]]]["in_pretraining" if f["in_pretraining"] else "not_in_pretraining"] += 1
+    agree = sum((categories[f["id"]] != "Unknown") == bool(f["in_pretraining"]) for f in scored)
+    return {"table": table, "agreement": agree / len(scored)}
 
 
 # =====================================================================================================
@@ -3124,10 +3094,51 @@ def qa_trainer_data(tokenizer, facts: list[dict], batch_size: int):
 # =====================================================================================================
 # 15. The command line
 # =====================================================================================================
+@dataclass
+class PractitionerArgs:
+    """Practitioners' tools: audit a fine-tune, screen an SFT set, keep the models."""
+    _argument_group_name = "practitioners' tools"  # its --help heading (HfArgumentParser)
+    save_model: bool = field(default=False, metadata={"help": "keep each final model in <out>/model/, the teacher in <run>/teacher/"})
+    audit: str = field(default="", metadata={"help": "FINETUNED: audit this model (or PEFT adapter) against --model on --data"})
+    audit_facts: str = field(default="", metadata={"help": "with --audit: only the held-out facts of the sftguard run in this folder"})
+    audit_examples: int = field(default=20, metadata={"help": "with --audit: newly hallucinated facts listed as examples in audit.md"})
+    screen: bool = field(default=False, metadata={"help": "label each example of --data (your SFT set) with --model's SliCK category"})
+
+
+@dataclass
+class EngineeringArgs:
+    """Engineering: device, precision, caches, checkpoints and resume, trust (skip on a first read)."""
+    _argument_group_name = "engineering"  # its --help heading (HfArgumentParser)
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16 or fp16; CPU: fp32) | fp32 | bf16 | fp16 autocast"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, ~1/3 more compute"})
+    cache_dir: str = field(default=".cache/sftguard", metadata={"help": "cache of pretrained base models and SliCK categories"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's results in --out (kept until new ones are written)"})
+    resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (same flags)"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep --out/checkpoints/ when the run finishes (a killed run keeps them)"})
+    epoch_checkpoints: str = field(default="auto", metadata={"help": "per-epoch weights + AdamW state: auto (<= the max below) | always | never"})
+    epoch_checkpoint_max_mb: int = field(default=4096, metadata={"help": "auto: the largest epoch checkpoint written, MB (7B: ~85,000)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let --model run Python code shipped with it (else: built-in architectures)"})
+    allow_pickle: bool = field(default=False, metadata={"help": "let --model load pickled weights (pytorch_model.bin) when it has no safetensors"})
+
+
+# --help shows one group per dataclass, in this order; the code reads one Config with every field (cfg.lr, ...).
+ARG_GROUPS = (StudyArgs, DataModelArgs, SlickArgs, TrainingArgs, SelfDistillationArgs, ExperimentArgs, PractitionerArgs, EngineeringArgs)
+
+
+@dataclass
+class Config(EngineeringArgs, PractitionerArgs, ExperimentArgs, SelfDistillationArgs, TrainingArgs, SlickArgs, DataModelArgs, StudyArgs):
+    """Every flag of every group (fields in --help order)."""
+
+
 class OneLineHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with one line per flag (help lines are <= 110 characters; argparse would wrap them at 80)."""
+    """--help with one line per flag, <= 110 characters with its default (argparse would wrap them at 80)."""
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=30, width=240)
+        super().__init__(prog, max_help_position=30, width=240)  # wide: argparse never wraps
+
+    def _get_help_string(self, action):  # "(default: )" and "(default: False)" say nothing
+        silent = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        return action.help if silent else f"{action.help} [{action.default}]"
 
     def _format_action_invocation(self, action):  # "--n_layer", not "--n_layer N_LAYER, --n-layer N_LAYER"
         return next((o for o in action.option_strings if o.startswith("--")), None) or super()._format_action_invocation(action)
