@@ -715,7 +715,6 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             answer = batch["labels"][:, 1:] != -100  # [batch, positions - 1]: the answer tokens
             return self_distillation_loss(logits, teacher_logits[answer], targets, cfg.kl_weight, cfg.temperature)[0]
-        loss_fn.needs_teacher = True  # the others leave the teacher out of the device's memory during training
         return loss_fn
     if method == "l2":
         anchor = [p.detach().clone() for p in trainable_parameters(student)]
@@ -747,7 +746,7 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
     batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
     every_epoch = saves_epoch_checkpoints_here(checkpoint_dir, student, cfg, run_name(method, trainable))  # Part III, §11
     loss_fn = method_loss(method, student, teacher, cfg, batches)
-    with teacher_off_device(teacher, loss_fn):
+    with teacher_off_device(teacher, loss_runs_teacher(method, teacher, batches, cfg)):  # Part III, §8
         stats = train(student, batches, loss_fn, epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable),
                       on_epoch_end=record, seed=cfg.seed, checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve},
                       save_every_epoch=every_epoch)
@@ -1080,7 +1079,6 @@ def kl_gradient_probe(student, teacher, cfg: Config, log: dict, every: int = 4):
         log["kl_grad_norm"].append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
         log["distance"].append(math.sqrt(sum(float(((p.detach() - a).double() ** 2).sum()) for p, a in zip(params, anchor))))
         return loss
-    loss_fn.needs_teacher = True
     return loss_fn
 
 
@@ -1128,7 +1126,7 @@ def run_condition(study: "Study", new_facts: list[dict], method: str, cfg: Confi
     else:
         loss_fn = method_loss(method, student, teacher, replace(cfg, l2_weight=cfg.l2_weight if l2_weight is None else l2_weight), batches)
     key = new_facts[0]["key"] if new_facts else "none"
-    with teacher_off_device(teacher, loss_fn):
+    with teacher_off_device(teacher, probe is not None or loss_runs_teacher(method, teacher, batches, cfg)):
         train(student, batches, loss_fn, epochs=epochs, lr=cfg.lr, cfg=cfg, desc=f"{method} {key} x{len(new_facts)} w{study.width}", on_epoch_end=record, seed=cfg.seed)
     final = curve[-1]
     tqdm.write(f"  {method:<11} {key:<4} n={len(new_facts):<5} width={study.width:<4} epochs={final['epoch']}: "
@@ -1736,16 +1734,21 @@ def fast_self_distillation_loss(teacher, cfg: Config, batches=None):
                                                   teacher_head=head)[0]
         return self_distillation_loss_chunked(logits, teacher_answer_log_probs(teacher_logits, labels, cfg.temperature),
                                               targets, cfg.kl_weight, cfg.temperature, cfg.kl_chunk)[0]
-    loss_fn.needs_teacher = True
     return loss_fn
 
 
+def loss_runs_teacher(method: str, teacher, batches, cfg: Config) -> bool:
+    """Whether method_loss(method, ...) runs the teacher at every step: self-distillation with a live teacher (the plain
+    Eq. 1-2 path, --kl_chunk 0, or --teacher_cache live / auto that found no cache); not a cached teacher, sft, l2, ..."""
+    return method == "selfdistill" and (cfg.kl_chunk == 0 or teacher_cache_mode(teacher, batches, cfg) == "live")
+
+
 @contextlib.contextmanager
-def teacher_off_device(teacher, loss_fn):
-    """While a loss that does not read the teacher trains (a cached teacher, sft, l2, ...), the teacher waits in CPU
-    memory and comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
+def teacher_off_device(teacher, runs_teacher: bool):
+    """While a loss that does not run the teacher trains (loss_runs_teacher false), the teacher waits in CPU memory and
+    comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
     device = next(teacher.parameters()).device
-    away = device.type != "cpu" and not getattr(loss_fn, "needs_teacher", False)
+    away = device.type != "cpu" and not runs_teacher
     if away:
         teacher.to("cpu")
         torch.cuda.empty_cache()

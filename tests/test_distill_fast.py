@@ -287,3 +287,14 @@ def test_cached_loss_does_not_hold_the_teacher(models, mode):
 def test_bad_fast_distillation_flags_are_user_errors(flags):
     with pytest.raises(S.UserError):
         S.parse_config(["--preset", "smoke", *flags])
+
+
+def test_loss_runs_teacher_only_for_a_live_self_distillation_teacher(models):
+    """What teacher_off_device reads: a cached teacher, sft and l2 leave the teacher idle; a live one runs every step."""
+    teacher, _, tokenizer, facts, cfg = models
+    batches = S.qa_batches(tokenizer, facts, 8)
+    assert not S.loss_runs_teacher("selfdistill", teacher, batches, replace(cfg, teacher_cache="auto", kl_chunk=32))
+    assert not S.loss_runs_teacher("selfdistill", teacher, batches, replace(cfg, teacher_cache="fp32", kl_chunk=32))
+    assert S.loss_runs_teacher("selfdistill", teacher, batches, replace(cfg, teacher_cache="live", kl_chunk=32))
+    assert S.loss_runs_teacher("selfdistill", teacher, batches, replace(cfg, teacher_cache="auto", kl_chunk=0))
+    assert not any(S.loss_runs_teacher(m, teacher, batches, replace(cfg, kl_chunk=0)) for m in ("sft", "l2", "freeze"))
