@@ -11,7 +11,8 @@ A single-file reimplementation of Kaplan, Gekhman, Zhu, Rozner, Reif, Swayamdipt
     4. Training               the losses (CE, self-distillation Eq. 1-2, L2 pull), freezing, the one loop train()
     5. Stage 1                task-format learning on D_known; the snapshot is the frozen teacher
     6. Stage 2                factual SFT on D_known + D_unknown by each method; 6b. results; main
-  Part II, why SFT forgets (7, 7b): the hypothesis experiments, drift, the gradient-matched L2 control, their report
+  Part II, why SFT forgets (7, 7b, 7c): the hypothesis experiments, drift, the gradient-matched L2 control, their report;
+    where forgetting comes from (the first epoch's shock, its residue, the later drift)
   Part III, engineering (8-15, skip on a first read): the fast self-distillation path and teacher caches (tested
     equal to Eq. 1-2), parameter groups, precision and memory, checkpoints and atomic writes, input checks,
     --sweep / --seeds, the practitioners' tools (--audit, --screen, the loss in a Trainer), the command line
@@ -816,7 +817,8 @@ def write_results(out: Path, result: dict, cfg: Config):
     write_json_atomic(out / "config.json", asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)))
     write_text_atomic(out / "results.md", f"# {run_name(result['method'], result['trainable'])} (seed {cfg.seed})\n\n"
                       f"Teacher: D_known {pct(result['teacher']['known_acc'])}, D_unknown {pct(result['teacher']['unknown_acc'])}, "
-                      f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result]))
+                      f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result])
+                      + "\n" + anatomy_report([result]))  # shock, residue, drift: where the forgetting came from (Part II, §7c)
     write_json_atomic(out / "results.json", result)  # last: its presence marks a finished run
 
 
@@ -925,7 +927,8 @@ def main(cfg: Config) -> dict:
         write_text_atomic(root / "summary.md", f"# sftguard --method all, preset {cfg.preset}, seed {cfg.seed}\n\n"
                           f"Teacher: D_known {pct(teacher_scores['known_acc'])}, D_unknown {pct(teacher_scores['unknown_acc'])}, "
                           f"D_held {pct(teacher_scores['held_acc'])}\n\nAccuracy % after stage 2 ({cfg.epochs} epochs); forgetting is "
-                          f"the relative drop of D_held accuracy from the teacher.\n\n" + table)
+                          f"the relative drop of D_held accuracy from the teacher.\n\n" + table
+                          + "\n" + anatomy_report(results, root, f"Where the forgetting comes from, seed {cfg.seed}"))  # Part II, §7c
     drop_checkpoints(checkpoints, cfg)
     print(f"results in {', '.join(str(f) for f in folders.values())}  ({time.perf_counter() - wall_start:.0f} s)")
     return {"results": results, "teacher": teacher_scores}
@@ -1362,7 +1365,8 @@ def interference_markdown(result: dict) -> str:
               "| condition | stage 1 | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " |", "|---|---|" + "---|" * epochs]
     for r in [find_row(rows, key=k, count=top, method=m) for m in ("sft", "selfdistill") for k in KEY_TYPES] + [find_row(rows, method="known_only")]:
         lines.append(f"| {condition_name(r)} | " + " | ".join(pct2(p["drift"]) for p in r["curve"]) + " |")
-    lines += ["", "The paper's findings, checked (at an equal epoch unless stated):\n"]
+    lines += ["", anatomy_markdown("condition | new facts | held-out facts", interference_anatomy_rows([rows], result["relation"]))]
+    lines += ["The paper's findings, checked (at an equal epoch unless stated):\n"]
     lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(rows, counts)]
     return "\n".join(lines) + "\n"
 
@@ -1446,6 +1450,10 @@ def write_experiment_plots(root: Path, results: dict) -> list[str]:
         fig.savefig(root / "drift.png", dpi=120)
         plt.close(fig)
         written.append("drift.png")
+        by_relation = [(label.replace(" | ", ", "), runs) for label, runs in interference_anatomy_rows([res["rows"]], res["relation"])
+                       if not label.endswith("| all")]  # the split by relation is the point; "all" is in the table
+        if plot_anatomy(root / "anatomy.png", by_relation, f"Where the forgetting comes from, {top} new facts"):
+            written.append("anatomy.png")
     return written
 
 
@@ -1462,6 +1470,112 @@ def experiments_markdown(results: dict, plots: list[str], cfg: Config, seconds: 
     parts.append("".join(f"![{p}]({p})\n" for p in plots) if plots else
                  "Plots skipped: matplotlib is not installed (pip install -r requirements.txt).\n")
     return "\n".join(parts)
+
+
+# =====================================================================================================
+# 7c. Where forgetting comes from: the first epoch's shock, the residue it leaves, the later drift
+# =====================================================================================================
+# Read off a run's per-epoch held-out curve, in points of accuracy lost from the teacher (epoch 0). On the default
+# world every method that sees new facts drops in stage-2 epoch 1 (the shock), recovers part of it by epochs 2-4
+# (what stays is the residue), and then loses more while it fits the new facts (the drift). Self-distillation,
+# whose KL term holds the outputs to the teacher's, removes the drift: the paper's argument, made visible.
+SETTLE_EPOCHS = (2, 4)  # the residue is read at the best held-out accuracy of these epochs (clipped to the curve)
+
+
+@dataclass
+class ForgettingAnatomy:
+    """Accuracy lost from the teacher (fractions; shown as points): shock = at epoch 1, residue = at the best of
+    epochs 2-4 (epoch 1 if the run ends there), drift = from there to the end, total = at the end = residue + drift."""
+    shock: float
+    residue: float
+    drift: float
+    total: float
+
+
+def forgetting_anatomy(curve: list[dict], key: str = "held_acc") -> ForgettingAnatomy | None:
+    """The decomposition of one curve [{"epoch": 0 (the teacher), key: accuracy}, {"epoch": 1, ...}, ...]; None
+    without a stage-2 epoch or where an accuracy is missing or nan (e.g. no held-out fact of that relation)."""
+    acc = {p["epoch"]: p.get(key) for p in curve}
+    if 0 not in acc or 1 not in acc or any(a is None or math.isnan(a) for a in acc.values()):
+        return None
+    last = max(acc)
+    settled = max([acc[e] for e in range(SETTLE_EPOCHS[0], min(SETTLE_EPOCHS[1], last) + 1) if e in acc] or [acc[1]])
+    residue, total = acc[0] - settled, acc[0] - acc[last]
+    return ForgettingAnatomy(shock=acc[0] - acc[1], residue=residue, drift=total - residue, total=total)
+
+
+def anatomy_cells(anatomies: list[ForgettingAnatomy | None]) -> list[str]:
+    """Shock, residue, drift, total and residue / total as table cells: one run's points, or mean ± sd over seeds."""
+    runs = [a for a in anatomies if a is not None]
+    if not runs:
+        return ["–"] * 5
+    share = [a.residue / a.total if a.total > 0 else None for a in runs]
+    show = (lambda xs: pct(xs[0])) if len(runs) == 1 else mean_sd  # noqa: E731
+    return [show([getattr(a, part) for a in runs]) for part in ("shock", "residue", "drift", "total")] + [show(share)]
+
+
+ANATOMY_HEAD = "shock (epoch 1) | residue (best of epochs 2–4) | drift (after) | total (final) | residue / total"
+
+
+def anatomy_markdown(head: str, rows: list[tuple[str, list[ForgettingAnatomy | None]]]) -> str:
+    """A table of where each row's forgetting came from; head names the leading column(s), each row gives their cells
+    ("a | b") and its runs' decompositions (one, or one per seed)."""
+    width = head.count("|") + 6
+    lines = ["Where the forgetting comes from: points of D_held accuracy lost from the teacher at stage-2 epoch 1 "
+             "(shock), at the best of epochs 2–4 (residue) and after that (drift); total = residue + drift (README: "
+             "Where forgetting comes from).", "", f"| {head} | {ANATOMY_HEAD} |", "|" + "---|" * width]
+    lines += [f"| {cells} | " + " | ".join(anatomy_cells(anatomies)) + " |" for cells, anatomies in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_anatomy(path: Path, rows: list[tuple[str, list[ForgettingAnatomy | None]]], title: str) -> bool:
+    """anatomy.png: shock, residue and drift per row (mean over seeds, error bar ± sd). False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = [(label, [a for a in runs if a is not None]) for label, runs in rows]
+    rows = [(label, runs) for label, runs in rows if runs]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.4), dpi=120)
+    for j, (part, color) in enumerate((("shock", "C3"), ("residue", "C1"), ("drift", "C0"))):
+        values = [[100 * getattr(a, part) for a in runs] for _, runs in rows]
+        means = [statistics.mean(v) for v in values]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar([i + (j - 1) * 0.27 for i in range(len(rows))], means, 0.27, yerr=sds, color=color, capsize=2,
+               label={"shock": "shock: lost at epoch 1", "residue": "residue: still lost at the best of epochs 2–4",
+                      "drift": "drift: lost after that"}[part])
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=8, rotation=15, ha="right")
+    ax.set_ylabel("points of D_held accuracy lost from the teacher")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def anatomy_report(results: list[dict], plot_dir: Path | None = None, title: str = "") -> str:
+    """The main study's table (one row per method; results of one seed, or lists of one method's results over seeds),
+    and anatomy.png in plot_dir when given."""
+    per_method = [rs if isinstance(rs, list) else [rs] for rs in results]
+    rows = [(run_name(rs[0]["method"], rs[0]["trainable"]), [forgetting_anatomy(r["curve"]) for r in rs]) for rs in per_method]
+    text = anatomy_markdown("method", rows)
+    if plot_dir is not None and plot_anatomy(plot_dir / "anatomy.png", rows, title or "Where the forgetting comes from"):
+        text += "\n![where the forgetting comes from](anatomy.png)\n"
+    return text
+
+
+def interference_anatomy_rows(rows_per_seed: list[list[dict]], relation: str) -> list[tuple[str, list]]:
+    """The interference experiment at its largest count, per part of D_held: every held-out fact, those asked with the
+    new facts' relation, those of the other relations. rows_per_seed: each seed's rows (the same conditions in order)."""
+    first = rows_per_seed[0]
+    top = max(r["count"] for r in first)
+    picked = [i for i, r in enumerate(first) if r["count"] == top or r["method"] == "known_only"]
+    parts = (("held_acc", "all"), ("held_same_relation_acc", f"same relation ({relation})"), ("held_other_relations_acc", "other relations"))
+    return [(f"{condition_name(first[i])} | {first[i]['count']} | {part}",
+             [forgetting_anatomy(seed_rows[i]["curve"], key) for seed_rows in rows_per_seed])
+            for i in picked for key, part in parts]
 
 
 # #####################################################################################################
@@ -2740,7 +2854,9 @@ def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int
                          f"{mean_sd([x['forgetting'] for x in same])} | {mean_sd([x['drift'] for x in same])} |")
         if name == "interference":
             means = [mean_row([seed_rows[i] for seed_rows in rows]) for i in range(len(rows[0]))]
-            lines += ["", "The paper's findings, checked on the means over seeds:", ""]
+            lines += ["", anatomy_markdown("condition | new facts | held-out facts",
+                                           interference_anatomy_rows(rows, per_seed[0][name]["relation"]))]
+            lines += ["The paper's findings, checked on the means over seeds:", ""]
             lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means, per_seed[0][name]["counts"])]
         lines.append("")
     return "\n".join(lines)
@@ -2782,6 +2898,8 @@ def run_seeds(cfg: Config) -> dict:
             main(seed_cfg)
         per_seed.append([json.loads((f / "results.json").read_text()) for f in folders.values()])
     report = seeds_markdown(per_seed, cfg, seeds)
+    report += "\n" + anatomy_report([list(runs) for runs in zip(*per_seed)], root,
+                                     f"Where the forgetting comes from, mean ± sd over seeds {', '.join(map(str, seeds))}")
     plotted = plot_forgetting_curves(root / "forgetting.png", per_seed, seeds)
     report += ("\n![forgetting over training](forgetting.png)\n" if plotted else
                "\nforgetting.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n")

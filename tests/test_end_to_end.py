@@ -97,14 +97,19 @@ def test_markdown_tables(smoke_all):
     out = smoke_all[0]
     summary = (out / "summary.md").read_text()
     assert "| method | trainable | D_known (task) | D_unknown (new) | D_held (held-out) |" in summary
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    table1 = summary.split("\n\n| method | trainable |")[1].split("\n\n")[0]  # Table 1, then where the forgetting came from
+    rows = [line for line in table1.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() + "-" + row.split("|")[2].strip() for row in rows] == [
         "known_only-all", "sft-all", "selfdistill-all", "freeze-attn", "freeze-mlp", "l2-all"]
     sft = strict_json(out / "sft" / "results.json")
     assert f"| {100 * sft['final']['held_acc']:.1f} |" in rows[1]  # the table shows this run's numbers, in %
+    assert "| method | shock (epoch 1) |" in summary and (out / "anatomy.png").is_file() == (S.pyplot() is not None)
+    shock = S.forgetting_anatomy(sft["curve"]).shock
+    assert f"| sft | {100 * shock:.1f} |" in summary
     for name in RUNS:
         table = (out / name / "results.md").read_text()
         assert "| method | trainable |" in table and f"| {name.split('-')[0]} |" in table, name
+        assert "| method | shock (epoch 1) |" in table, name
 
 
 def test_second_run_without_overwrite_refuses_and_keeps_results(smoke_all, sftguard_cli):
