@@ -724,8 +724,9 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
 
 
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
-               checkpoint_dir: Path | None = None, save_to: Path | None = None) -> dict:
-    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. With checkpoint_dir,
+               checkpoint_dir: Path | None = None, save_to: Path | None = None, make_loss=None) -> dict:
+    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch (make_loss: another
+    builder of the loss than method_loss, same arguments, whose loss runs the teacher; --sweep's L2 probe). With checkpoint_dir,
     the result is saved there when done and the student after every epoch where that is cheap (--epoch_checkpoints),
     and a killed run resumes from them (or restarts the method from the teacher)."""
     finished = finished_result(checkpoint_dir, run_name(method, trainable))  # --resume (Part III, §11)
@@ -746,8 +747,8 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
 
     batches = qa_batches(tokenizer, train_facts, cfg.batch_size)
     every_epoch = saves_epoch_checkpoints_here(checkpoint_dir, student, cfg, run_name(method, trainable))  # Part III, §11
-    loss_fn = method_loss(method, student, teacher, cfg, batches)
-    with teacher_off_device(teacher, loss_runs_teacher(method, teacher, batches, cfg)):  # Part III, §8
+    loss_fn = (make_loss or method_loss)(method, student, teacher, cfg, batches)
+    with teacher_off_device(teacher, make_loss is not None or loss_runs_teacher(method, teacher, batches, cfg)):  # Part III, §8
         stats = train(student, batches, loss_fn, epochs=cfg.epochs, lr=cfg.lr, cfg=cfg, desc=run_name(method, trainable),
                       on_epoch_end=record, seed=cfg.seed, checkpoint_dir=checkpoint_dir, checkpoint_extra=lambda: {"curve": curve},
                       save_every_epoch=every_epoch)
@@ -1079,6 +1080,7 @@ def kl_gradient_probe(student, teacher, cfg: Config, log: dict, every: int = 4):
         if (steps[0] - 1) % every:
             return loss
         grads = torch.autograd.grad(cfg.kl_weight * cfg.temperature**2 * kl, params, retain_graph=True, allow_unused=True)
+        log.setdefault("step", []).append(steps[0] - 1)  # which epoch it belongs to: the weight matched on epoch 1 alone
         log["kl_grad_norm"].append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
         log["distance"].append(math.sqrt(sum(float(((p.detach() - a).double() ** 2).sum()) for p, a in zip(params, anchor))))
         return loss
@@ -1091,6 +1093,14 @@ def matched_l2_weight(kl_grad_norms: list[float], distances: list[float]) -> flo
     if sum(distances) <= 0:
         raise ValueError("the probe never moved the weights; the L2 weight cannot be matched")
     return sum(kl_grad_norms) / (2 * sum(distances))
+
+
+def matched_l2_weights(probe: dict, steps_per_epoch: int) -> dict:
+    """The probe's matched alpha over the whole run and over epoch 1 alone (where the shock happens)."""
+    first = [i for i, step in enumerate(probe["step"]) if step < steps_per_epoch]
+    return {"l2_weight": matched_l2_weight(probe["kl_grad_norm"], probe["distance"]),
+            "l2_weight_epoch1": matched_l2_weight([probe["kl_grad_norm"][i] for i in first], [probe["distance"][i] for i in first]),
+            "steps": len(probe["distance"]), "steps_epoch1": len(first)}
 
 
 # --- One condition: stage 2 from the teacher on D_known + new facts ---------------------------------------
@@ -1149,13 +1159,19 @@ def nan_to_0(x: float) -> float:
 def forgetting_at_new_acc(row: dict, target: float) -> float:
     """Forgetting when the run's new-fact accuracy first reached target, interpolated linearly between
     epochs (the fair comparison when one key type is fitted more slowly); nan if never reached."""
-    curve, base = row["curve"], row["teacher_held_acc"]
-    if curve[0]["new_acc"] >= target:  # the teacher already had it: no training needed, no forgetting
+    return curve_forgetting_at(row["curve"], target, "new_acc", row["teacher_held_acc"])
+
+
+def curve_forgetting_at(curve: list[dict], target: float, new_key: str, base: float | None = None) -> float:
+    """Forgetting (against base, default the curve's epoch 0) where the curve's new_key accuracy first reached target,
+    interpolated linearly between epochs; nan if never reached."""
+    base = curve[0]["held_acc"] if base is None else base
+    if curve[0][new_key] >= target:  # the teacher already had it: no training needed, no forgetting
         return 0.0
     for before, after in zip(curve, curve[1:]):
-        if after["new_acc"] >= target:
-            span = after["new_acc"] - before["new_acc"]
-            t = 1.0 if span <= 0 else max(0.0, (target - before["new_acc"]) / span)
+        if after[new_key] >= target:
+            span = after[new_key] - before[new_key]
+            t = 1.0 if span <= 0 else max(0.0, (target - before[new_key]) / span)
             return relative_drop(base, before["held_acc"] + t * (after["held_acc"] - before["held_acc"]))
     return float("nan")
 
@@ -1223,7 +1239,7 @@ def experiment_result(name: str, rows: list[dict], cfg: Config, counts, widths, 
         "last token, held-out facts, against the base model before stage 1",
         "key_token_overlap": {k: key_token_overlap(study.tokenizer, [f["subject"] for f in new_facts[k]], known) for k in KEY_TYPES},
         "teacher": {str(w): {**s.teacher_scores, "drift": s.teacher_measure["drift"], "stage1": s.stage1} for w, s in studies.items()},
-        "l2_probe": ({"l2_weight": matched_l2_weight(probe["kl_grad_norm"], probe["distance"]), "steps": len(probe["distance"]),
+        "l2_probe": ({**matched_l2_weights(probe, math.ceil((len(study.splits["known"]) + counts[-1]) / cfg.batch_size)),
                       "mean_kl_grad_norm": sum(probe["kl_grad_norm"]) / len(probe["kl_grad_norm"])} if probe is not None else None),
         "rows": rows}
 
@@ -1242,7 +1258,7 @@ def run_experiments(cfg: Config) -> dict:
     if cfg.model or "capacity" not in names:  # a local model comes in one width
         widths = [cfg.n_embd]
     studies, new_facts, done = {}, {}, {}
-    probe_log = {"kl_grad_norm": [], "distance": []}  # filled by the first condition (interference runs it first)
+    probe_log = {"kl_grad_norm": [], "distance": [], "step": []}  # filled by the first condition (interference runs it first)
 
     def study_of(width):
         if width not in studies:
@@ -1350,7 +1366,9 @@ def interference_markdown(result: dict) -> str:
         lines.append(f"| {n} | {pct(target)} | {pct(forgetting_at_new_acc(name, target))} | {pct(forgetting_at_new_acc(uuid, target))} |")
     probe = result["l2_probe"]
     lines += ["", f"Controls at {top} name-key facts (L2 weight {probe['l2_weight']:.3g}, matched to the self-distillation "
-              f"KL gradient over {probe['steps']} probe steps); the last column compares them where each first reached the "
+              f"KL gradient over {probe['steps']} probe steps"
+              + (f"; over epoch 1 alone it would be {probe['l2_weight_epoch1']:.3g}" if "l2_weight_epoch1" in probe else "")
+              + "); the last column compares them where each first reached the "
               "lowest of their final new-fact accuracies:\n",
               "| method | new-fact acc | D_held acc | forgetting | drift | forgetting at equal new-fact acc |", "|---|---|---|---|---|---|"]
     controls = [find_row(rows, key="name", count=top, method=m) for m in ("sft", "selfdistill", "l2")]
@@ -2325,7 +2343,7 @@ def drop_epoch_checkpoints(checkpoint_dir: Path):
 
 def output_folders(cfg: Config) -> dict[str, Path]:
     if cfg.sweep:
-        return {folder: run_root(cfg) / folder for folder, *_ in sweep_runs(cfg)}
+        return {run.folder: run_root(cfg) / run.folder for run in sweep_runs(cfg)}
     root = Path(cfg.out or default_out(cfg))
     if cfg.method == "all":
         return {run_name(m, t): root / run_name(m, t) for m, t in ALL_RUNS}
@@ -2340,7 +2358,7 @@ def run_root(cfg: Config) -> Path:
 def default_out(cfg: Config) -> str:
     """The output folder when --out is empty: runs/<preset>/<what>-seed<seed> (or -seeds with --seeds)."""
     what = f"experiment-{cfg.experiment}" if cfg.experiment else \
-        f"sweep-{parse_sweep(cfg.sweep)[0]}" if cfg.sweep else cfg.method
+        f"sweep-{'+'.join(name for name, _ in parse_sweep(cfg.sweep))}" if cfg.sweep else cfg.method
     return f"runs/{cfg.preset}/{what}-" + ("seeds" if cfg.seeds else f"seed{cfg.seed}")
 
 
@@ -2625,9 +2643,19 @@ def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None
 # =====================================================================================================
 # --sweep: the stability-plasticity frontier. Each swept field belongs to the method it changes.
 SWEEPABLE = {"kl_weight": "selfdistill", "temperature": "selfdistill", "l2_weight": "l2"}
+EQUAL_ACQUISITION = 0.9  # the new-fact accuracy at which a sweep's methods are compared (the paper's ~94.6% is above it)
 
 
-def parse_sweep(spec: str) -> tuple[str, list[float]]:
+def parse_sweep(spec: str) -> list[tuple[str, list[float]]]:
+    """'kl_weight=0,0.25,1' -> [('kl_weight', [0.0, 0.25, 1.0])]; fields joined by ';' are swept from the same teacher
+    ('kl_weight=0.25,2;l2_weight=0.01,0.1')."""
+    fields = [parse_sweep_field(part) for part in spec.split(";") if part.strip()]
+    if not fields or len({name for name, _ in fields}) != len(fields):
+        raise UserError(f"--sweep {spec!r}: write NAME=v1,v2,... (several joined by ';', each NAME once), e.g. kl_weight=0.25,1,4")
+    return fields
+
+
+def parse_sweep_field(spec: str) -> tuple[str, list[float]]:
     """'kl_weight=0,0.25,1' -> ('kl_weight', [0.0, 0.25, 1.0])."""
     name, _, values = (s.strip() for s in spec.partition("="))
     if name not in SWEEPABLE or not values:
@@ -2643,75 +2671,149 @@ def parse_sweep(spec: str) -> tuple[str, list[float]]:
     return name, numbers
 
 
-def sweep_runs(cfg: Config) -> list[tuple[str, str, float | None, Config]]:
-    """(folder, method, swept value or None, config) of every run of a sweep: each value, then the
-    controls at their configured settings (known_only, sft, and the other regulariser)."""
-    name, values = parse_sweep(cfg.sweep)
-    method = SWEEPABLE[name]
-    runs = [(f"{method}-{name}{v:g}", method, v, replace(cfg, **{name: v})) for v in values]
-    controls = ("known_only", "sft", "l2" if method == "selfdistill" else "selfdistill")
-    return runs + [(control, control, None, cfg) for control in controls]
+@dataclass
+class SweepRun:
+    """One run of a sweep: its folder, method, the swept field and value (None for a control), its config."""
+    folder: str
+    method: str
+    field: str | None
+    value: float | None
+    cfg: Config
+
+
+def sweep_runs(cfg: Config) -> list[SweepRun]:
+    """Every run of a sweep: each value of each field, then the controls at their configured settings: known_only, sft,
+    the regulariser not swept, and with l2_weight swept the self-distillation run that probes the KL gradient and L2 at
+    the weights matched to it (over the whole run, and over epoch 1 alone; run_sweep fills them in)."""
+    fields = parse_sweep(cfg.sweep)
+    runs = [SweepRun(f"{SWEEPABLE[name]}-{name}{v:g}", SWEEPABLE[name], name, v, replace(cfg, **{name: v}))
+            for name, values in fields for v in values]
+    swept = {name for name, _ in fields}
+    controls = ["known_only", "sft"]
+    if "l2_weight" in swept or not swept & {"kl_weight", "temperature"}:
+        controls.append("selfdistill")
+    controls += ["l2-matched", "l2-matched-epoch1"] if "l2_weight" in swept else ["l2"]
+    return runs + [SweepRun(c, c.split("-")[0], None, None, cfg) for c in controls]
 
 
 def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dict, cfg: Config, folders: dict,
               checkpoints: Path | None = None) -> dict:
     """Stage 2 once per swept value and once per control, every run from the same teacher; then the frontier."""
-    name, _ = parse_sweep(cfg.sweep)
     runs = sweep_runs(cfg)
+    probing = "l2-matched" in {r.folder for r in runs}
+    probe, matched = {"kl_grad_norm": [], "distance": [], "step": []}, {}
     results = []
-    for folder, method, value, run_cfg in runs:
-        result = run_method(method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
-                            checkpoint_dir=checkpoints / folder if checkpoints is not None else None,
-                            save_to=folders[folder] / "model" if cfg.save_model else None)
-        results.append({**result, **common, "run": folder, "sweep_value": value})
+    for run in runs:
+        run_cfg, is_probe = run.cfg, probing and run.folder == "selfdistill"
+        if run.folder.startswith("l2-matched"):  # the weight the probe measured
+            run_cfg = replace(run_cfg, l2_weight=matched["l2_weight_epoch1" if run.folder.endswith("epoch1") else "l2_weight"])
+        result = run_method(run.method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
+                            # the probe always runs whole (a resumed half would measure half a trajectory)
+                            checkpoint_dir=checkpoints / run.folder if checkpoints is not None and not is_probe else None,
+                            save_to=folders[run.folder] / "model" if cfg.save_model else None,
+                            make_loss=(lambda m, student, t, c, b: kl_gradient_probe(student, t, c, probe)) if is_probe else None)
+        if is_probe:
+            matched = matched_l2_weights(probe, math.ceil((len(splits["known"]) + len(splits["unknown"])) / cfg.batch_size))
+            result = {**result, "l2_probe": matched}
+        results.append({**result, **common, "run": run.folder, "sweep_field": run.field, "sweep_value": run.value,
+                        "l2_weight": run_cfg.l2_weight if run.method == "l2" else None})
+        run.cfg = run_cfg
     control = next(r for r in results if r["method"] == "known_only")
-    for result, (folder, _, _, run_cfg) in zip(results, runs):
+    for result, run in zip(results, runs):
         result["excess_forgetting"] = excess_forgetting(result, control)
-        write_results(folders[folder], result, run_cfg)
-    write_sweep_report(run_root(cfg), name, results, teacher_scores, cfg)
+        write_results(folders[run.folder], result, run.cfg)
+    write_sweep_report(run_root(cfg), results, teacher_scores, cfg)
     return {"results": results, "teacher": teacher_scores}
 
 
 SWEEP_SYMBOL = {"kl_weight": "λ", "temperature": "τ", "l2_weight": "α"}
 
 
-def sweep_table(name: str, results: list[dict]) -> str:
+def sweep_table(results: list[dict]) -> str:
     """One row per run of a sweep: the swept value, the three accuracies, forgetting."""
-    lines = [f"| run | {name} | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
+    lines = ["| run | swept value | D_known (task) | D_unknown (new) | D_held (held-out) | forgetting | excess over known_only |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         new = None if r["method"] == "known_only" else r["final"]["unknown_acc"]
-        value = "–" if r["sweep_value"] is None else f"{r['sweep_value']:g}"
+        value = (f"{SWEEP_SYMBOL[r['sweep_field']]}={r['sweep_value']:g}" if r.get("sweep_field") else
+                 f"α={r['l2_weight']:.3g}" if r.get("l2_weight") is not None else "–")
         lines.append(f"| {r['run']} | {value} | {pct(r['final']['known_acc'])} | {pct(new)} | {pct(r['final']['held_acc'])} | "
                      f"{pct(r['forgetting'])} | {pct(r['excess_forgetting'])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: dict, seed: int) -> bool:
-    """frontier.png: held-out accuracy against new-fact accuracy, one point per swept value, controls marked.
-    Returns False (and draws nothing) when matplotlib is not installed."""
+def frontier_forgetting_at(points: list[tuple[float, float]], target: float) -> float | None:
+    """Forgetting on a sweep's frontier at new-fact accuracy `target`, linear between the two runs next to each other in
+    new-fact accuracy that bracket it; None outside the runs' range. points: (new-fact accuracy, forgetting) per run."""
+    points = sorted(points)
+    exact = [f for acc, f in points if acc == target]
+    if exact:
+        return exact[0]
+    for (a0, f0), (a1, f1) in zip(points, points[1:]):
+        if a0 < target < a1:
+            return f0 + (target - a0) / (a1 - a0) * (f1 - f0)
+    return None
+
+
+def equal_acquisition_table(results: list[dict], target: float = EQUAL_ACQUISITION) -> str:
+    """Each method's forgetting at new-fact accuracy `target`: on each swept field's frontier (final values, interpolated
+    between swept values), and along each run's own curve (interpolated between epochs; a sweep's best run)."""
+    lines = [f"At equal acquisition: forgetting % where new-fact accuracy is {pct(target)}%. Frontier: between the swept "
+             "values whose final new-fact accuracies bracket it. Curve: where the run's own new-fact accuracy first reached "
+             "it, between epochs (for a sweep, its lowest run).", "",
+             "| method | runs | final new-fact acc | forgetting on the frontier | forgetting on the curve (epoch) |", "|---|---|---|---|---|"]
+    fields = list(dict.fromkeys(r["sweep_field"] for r in results if r.get("sweep_field")))
+    groups = [(f"{SWEEPABLE[f]}, {SWEEP_SYMBOL[f]} swept", [r for r in results if r.get("sweep_field") == f]) for f in fields]
+    groups += [(r["run"] + (f" (α={r['l2_weight']:.3g})" if r["method"] == "l2" else ""), [r]) for r in results
+               if not r.get("sweep_field") and r["method"] != "known_only"]
+    for label, runs in groups:
+        frontier = frontier_forgetting_at([(r["final"]["unknown_acc"], r["forgetting"]) for r in runs], target) if len(runs) > 1 else None
+        on_curve = [(curve_forgetting_at(r["curve"], target, "unknown_acc"), r) for r in runs]
+        on_curve = [(f, r) for f, r in on_curve if not math.isnan(f)]
+        best = min(on_curve, key=lambda x: x[0], default=None)
+        curve_cell = "never reached" if best is None else f"{pct(best[0])} ({best[1]['run']}, epoch {reached_epoch(best[1]['curve'], target)})"
+        finals = ", ".join(pct(r["final"]["unknown_acc"]) for r in runs)
+        lines.append(f"| {label} | {len(runs)} | {finals} | {'–' if len(runs) == 1 else pct(frontier) if frontier is not None else 'outside the runs'} "
+                     f"| {curve_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def reached_epoch(curve: list[dict], target: float, key: str = "unknown_acc") -> int | None:
+    """The first stage-2 epoch whose accuracy (key) reaches target."""
+    return next((p["epoch"] for p in curve if p["epoch"] > 0 and p[key] >= target), None)
+
+
+def plot_frontier(path: Path, results: list[dict], teacher_scores: dict, seed: int) -> bool:
+    """frontier.png: held-out accuracy against new-fact accuracy, one line per swept field (a point per value), the
+    controls marked. Returns False (and draws nothing) when matplotlib is not installed."""
     plt = pyplot()
     if plt is None:
         return False
-    symbol = SWEEP_SYMBOL.get(name, name)
-    swept = [r for r in results if r["sweep_value"] is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    xs, ys = [100 * r["final"]["unknown_acc"] for r in swept], [100 * r["final"]["held_acc"] for r in swept]
-    ax.plot(xs, ys, "o-", color="C0", zorder=3, label=f"{swept[0]['method']}, one point per {symbol}")
-    for r, x, y in zip(swept, xs, ys):
-        ax.annotate(f"{symbol}={r['sweep_value']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
+    fields = list(dict.fromkeys(r["sweep_field"] for r in results if r.get("sweep_field")))
+    for i, name in enumerate(fields):
+        swept = sorted((r for r in results if r.get("sweep_field") == name), key=lambda r: r["sweep_value"])
+        xs, ys = [100 * r["final"]["unknown_acc"] for r in swept], [100 * r["final"]["held_acc"] for r in swept]
+        symbol, color = SWEEP_SYMBOL.get(name, name), ("C0", "C2", "C4")[i % 3]
+        ax.plot(xs, ys, "o-", color=color, zorder=3, label=f"{swept[0]['method']}, one point per {symbol}")
+        for r, x, y in zip(swept, xs, ys):
+            ax.annotate(f"{symbol}={r['sweep_value']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
     style = {"sft": ("s", "C3", "plain SFT"), "known_only": ("v", "C7", "known_only (no new facts)"),
-             "l2": ("D", "C2", "L2 pull to the teacher"), "selfdistill": ("^", "C1", "self-distillation (defaults)")}
+             "l2": ("D", "C2", "L2 pull to the teacher"), "selfdistill": ("^", "C1", "self-distillation (defaults)"),
+             "l2-matched": ("P", "C8", "L2, gradient-matched α"), "l2-matched-epoch1": ("X", "C9", "L2, α matched on epoch 1")}
     for r in results:
-        if r["sweep_value"] is None:
-            marker, color, label = style[r["method"]]
+        if not r.get("sweep_field"):
+            marker, color, label = style.get(r["run"], style[r["method"]])
+            if r["method"] == "l2":
+                label += f" (α={r['l2_weight']:.3g})"
             ax.plot(100 * r["final"]["unknown_acc"], 100 * r["final"]["held_acc"], marker, color=color, ms=8, zorder=4, label=label)
     ax.plot(100 * teacher_scores["unknown_acc"], 100 * teacher_scores["held_acc"], "*", color="k", ms=11, zorder=4,
             label="teacher (before stage 2)")
+    ax.axvline(100 * EQUAL_ACQUISITION, color="k", lw=0.6, ls=":")  # where the methods are compared
     ax.set_xlim(-3, 103)  # new-fact accuracy spans 0-100 across a sweep; a fixed axis compares seeds and classes
     ax.set_xlabel("new-fact accuracy, D_unknown (%)  → plasticity")
     ax.set_ylabel("held-out accuracy, D_held (%)  → stability")
-    ax.set_title(f"Stability–plasticity frontier over {symbol} ({name}), seed {seed}", fontsize=10)
+    ax.set_title(f"Stability–plasticity frontier over {', '.join(SWEEP_SYMBOL.get(f, f) for f in fields)}, seed {seed}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -2720,20 +2822,26 @@ def plot_frontier(path: Path, name: str, results: list[dict], teacher_scores: di
     return True
 
 
-def write_sweep_report(root: Path, name: str, results: list[dict], teacher_scores: dict, cfg: Config):
-    """sweep.json (one point per run), sweep.md (the table), frontier.png (when matplotlib is installed)."""
-    points = [{"run": r["run"], "method": r["method"], name: r["sweep_value"], **r["final"], "forgetting": r["forgetting"],
-               "excess_forgetting": r["excess_forgetting"]} for r in results]
-    plotted = plot_frontier(root / "frontier.png", name, results, teacher_scores, cfg.seed)
+def write_sweep_report(root: Path, results: list[dict], teacher_scores: dict, cfg: Config):
+    """sweep.json (one point per run), sweep.md (the tables), frontier.png (when matplotlib is installed)."""
+    fields = [name for name, _ in parse_sweep(cfg.sweep)]
+    points = [{"run": r["run"], "method": r["method"], **{f: r["sweep_value"] if r.get("sweep_field") == f else None for f in fields},
+               "l2_weight": r.get("l2_weight"), **r["final"], "forgetting": r["forgetting"], "excess_forgetting": r["excess_forgetting"]}
+              for r in results]
+    probe = next((r["l2_probe"] for r in results if "l2_probe" in r), None)
+    plotted = plot_frontier(root / "frontier.png", results, teacher_scores, cfg.seed)
     note = "![frontier](frontier.png)\n" if plotted else "frontier.png skipped: matplotlib is not installed (pip install -r requirements.txt)\n"
+    matched = "" if probe is None else (
+        f"Gradient-matched L2 weight (README: gradient-matched L2): α = {probe['l2_weight']:.3g} over the self-distillation "
+        f"run ({probe['steps']} probe steps), α = {probe['l2_weight_epoch1']:.3g} over its epoch 1 alone ({probe['steps_epoch1']} steps).\n\n")
     write_text_atomic(root / "sweep.md", f"# sftguard --sweep {cfg.sweep}, preset {cfg.preset}, seed {cfg.seed}\n\n"
                       f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
                       f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
-                      f"{cfg.epochs} epochs of stage 2. Rows without a {name} are the controls at their configured settings.\n\n"
-                      + sweep_table(name, results) + "\n" + note)
-    write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": name, "seed": cfg.seed, "preset": cfg.preset,
-                                            "teacher": teacher_scores, "points": points})
-    print("\n" + sweep_table(name, results))
+                      f"{cfg.epochs} epochs of stage 2. Rows without a swept value are the controls at their configured settings.\n\n"
+                      + sweep_table(results) + "\n" + matched + equal_acquisition_table(results) + "\n" + note)
+    write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": fields[0] if len(fields) == 1 else fields, "seed": cfg.seed,
+                                            "preset": cfg.preset, "teacher": teacher_scores, "l2_probe": probe, "points": points})
+    print("\n" + sweep_table(results) + "\n" + matched + equal_acquisition_table(results))
     print(note.strip() if not plotted else f"frontier plot: {root / 'frontier.png'}")
 
 

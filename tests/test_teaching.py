@@ -33,7 +33,7 @@ def test_sweep_writes_one_point_per_value_and_the_controls(sweep):
         assert json.loads((out / run / "results.json").read_text())["run"] == run
     assert json.loads((out / "selfdistill-kl_weight16" / "config.json").read_text())["kl_weight"] == 16.0
     table = (out / "sweep.md").read_text()
-    assert "| selfdistill-kl_weight16 | 16 |" in table
+    assert "| selfdistill-kl_weight16 | λ=16 |" in table and "At equal acquisition" in table
     try:
         import matplotlib  # noqa: F401
         assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,9 +83,9 @@ def test_the_frontier_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     cfg = sftguard.parse_config(["--sweep", "kl_weight=1", "--preset", "smoke"])
     scores = {"known_acc": 0.5, "unknown_acc": 0.1, "held_acc": 0.6}
-    results = [{"run": "selfdistill-kl_weight1", "method": "selfdistill", "sweep_value": 1.0, "final": scores,
-                "forgetting": 0.0, "excess_forgetting": 0.0}]
-    sftguard.write_sweep_report(tmp_path, "kl_weight", results, scores, cfg)
+    results = [{"run": "selfdistill-kl_weight1", "method": "selfdistill", "sweep_field": "kl_weight", "sweep_value": 1.0,
+                "final": scores, "forgetting": 0.0, "excess_forgetting": 0.0, "curve": [{"epoch": 0, **scores}, {"epoch": 1, **scores}]}]
+    sftguard.write_sweep_report(tmp_path, results, scores, cfg)
     assert not (tmp_path / "frontier.png").exists()
     assert "frontier.png skipped" in (tmp_path / "sweep.md").read_text()
     assert json.loads((tmp_path / "sweep.json").read_text())["points"][0]["held_acc"] == 0.6
@@ -124,3 +124,59 @@ def test_the_assignment_a1_command_trains_with_the_students_loss(smoke_dirs, tmp
     sftguard.cli([str(a) for a in args])
     assert len(calls) >= 2  # every stage-2 step
     assert json.loads((tmp_path / "a1" / "results.json").read_text())["method"] == "selfdistill"
+
+
+# --- the L2 control at equal acquisition: hand-made sweep rows -----------------------------------------------------
+def sweep_row(run, method, field, value, new_curve, held_curve, l2_weight=None):
+    curve = [{"epoch": e, "known_acc": 1.0, "unknown_acc": u, "held_acc": h} for e, (u, h) in enumerate(zip(new_curve, held_curve))]
+    return {"run": run, "method": method, "sweep_field": field, "sweep_value": value, "l2_weight": l2_weight, "curve": curve,
+            "final": {k: v for k, v in curve[-1].items() if k != "epoch"}, "forgetting": (held_curve[0] - held_curve[-1]) / held_curve[0],
+            "excess_forgetting": 0.0}
+
+
+def test_the_frontier_is_interpolated_between_the_runs_that_bracket_the_target():
+    # (new-fact accuracy, forgetting): 90% lies a quarter of the way from 0.8 to 1.0
+    points = [(1.0, 0.20), (0.2, 0.02), (0.8, 0.12)]
+    assert sftguard.frontier_forgetting_at(points, 0.85) == pytest.approx(0.14)
+    assert sftguard.frontier_forgetting_at(points, 0.8) == pytest.approx(0.12)
+    assert sftguard.frontier_forgetting_at(points, 0.1) is None and sftguard.frontier_forgetting_at([(0.5, 0.1)], 0.9) is None
+
+
+def test_equal_acquisition_table_reads_each_method_at_ninety_percent():
+    rows = [sweep_row("selfdistill-kl_weight1", "selfdistill", "kl_weight", 1.0, [0.0, 0.5, 1.0], [0.8, 0.76, 0.76]),
+            sweep_row("selfdistill-kl_weight4", "selfdistill", "kl_weight", 4.0, [0.0, 0.4, 0.8], [0.8, 0.78, 0.78]),
+            sweep_row("l2-l2_weight0.1", "l2", "l2_weight", 0.1, [0.0, 0.95, 1.0], [0.8, 0.64, 0.6], l2_weight=0.1),
+            sweep_row("l2-l2_weight1", "l2", "l2_weight", 1.0, [0.0, 0.3, 0.5], [0.8, 0.72, 0.72], l2_weight=1.0),
+            sweep_row("known_only", "known_only", None, None, [0.0, 0.0], [0.8, 0.8]),
+            sweep_row("l2-matched", "l2", None, None, [0.0, 0.1, 0.2], [0.8, 0.76, 0.76], l2_weight=0.9)]
+    text = sftguard.equal_acquisition_table(rows)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines() if line.startswith("| ")}
+    # self-distillation: the frontier between 80% (2.5% forgetting) and 100% (5%) at 90%: 3.75; its lambda=1 curve
+    # reaches 90% four fifths of the way from epoch 1 (50%) to epoch 2 (100%), where held-out accuracy is 0.76: 5%
+    assert lines["selfdistill, λ swept"] == ["2", "100.0, 80.0", "3.8", "5.0 (selfdistill-kl_weight1, epoch 2)"]
+    # L2: between 50% (10%) and 100% (25%) at 90%: 22%; its alpha=0.1 curve passes 90% 0.9/0.95 of the way to epoch 1,
+    # where held-out accuracy is 0.8 - 0.16 * 0.9 / 0.95 = 0.648: 18.9% (first reached in epoch 1)
+    assert lines["l2, α swept"] == ["2", "100.0, 50.0", "22.0", "18.9 (l2-l2_weight0.1, epoch 1)"]
+    assert lines["l2-matched (α=0.9)"] == ["1", "20.0", "–", "never reached"]
+    assert "known_only" not in lines
+
+
+def test_an_l2_sweep_adds_the_probe_and_the_matched_weights():
+    runs = sftguard.sweep_runs(sftguard.parse_config(["--sweep", "kl_weight=0.5,2;l2_weight=0.1"]))
+    assert [(r.folder, r.method, r.field, r.value) for r in runs] == [
+        ("selfdistill-kl_weight0.5", "selfdistill", "kl_weight", 0.5), ("selfdistill-kl_weight2", "selfdistill", "kl_weight", 2.0),
+        ("l2-l2_weight0.1", "l2", "l2_weight", 0.1), ("known_only", "known_only", None, None), ("sft", "sft", None, None),
+        ("selfdistill", "selfdistill", None, None), ("l2-matched", "l2", None, None), ("l2-matched-epoch1", "l2", None, None)]
+    assert runs[2].cfg.l2_weight == 0.1 and runs[0].cfg.kl_weight == 0.5 and runs[3].cfg.kl_weight == 1.0
+    kl_only = [r.folder for r in sftguard.sweep_runs(sftguard.parse_config(["--sweep", "kl_weight=0,16"]))]
+    assert kl_only == ["selfdistill-kl_weight0", "selfdistill-kl_weight16", "known_only", "sft", "l2"]
+    with pytest.raises(sftguard.UserError, match="each NAME once"):
+        sftguard.parse_config(["--sweep", "kl_weight=1;kl_weight=2"])
+
+
+def test_matched_weights_over_the_run_and_over_epoch_one():
+    # probe every 2 steps of a 4-step epoch: steps 0 and 2 are epoch 1
+    probe = {"step": [0, 2, 4, 6], "kl_grad_norm": [4.0, 2.0, 1.0, 1.0], "distance": [0.5, 1.0, 2.0, 2.5]}
+    w = sftguard.matched_l2_weights(probe, steps_per_epoch=4)
+    assert w["l2_weight"] == pytest.approx(8.0 / (2 * 6.0)) and w["l2_weight_epoch1"] == pytest.approx(6.0 / (2 * 1.5))
+    assert (w["steps"], w["steps_epoch1"]) == (4, 2)
