@@ -2702,6 +2702,8 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
     runs = sweep_runs(cfg)
     probing = "l2-matched" in {r.folder for r in runs}
     probe, matched = {"kl_grad_norm": [], "distance": [], "step": []}, {}
+    steps_per_epoch = math.ceil((len(splits["known"]) + len(splits["unknown"])) / cfg.batch_size)
+    every = max(1, min(4, steps_per_epoch // 4))  # at least 4 probe steps in epoch 1, the first at distance 0
     results = []
     for run in runs:
         run_cfg, is_probe = run.cfg, probing and run.folder == "selfdistill"
@@ -2711,9 +2713,9 @@ def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dic
                             # the probe always runs whole (a resumed half would measure half a trajectory)
                             checkpoint_dir=checkpoints / run.folder if checkpoints is not None and not is_probe else None,
                             save_to=folders[run.folder] / "model" if cfg.save_model else None,
-                            make_loss=(lambda m, student, t, c, b: kl_gradient_probe(student, t, c, probe)) if is_probe else None)
+                            make_loss=(lambda m, student, t, c, b: kl_gradient_probe(student, t, c, probe, every)) if is_probe else None)
         if is_probe:
-            matched = matched_l2_weights(probe, math.ceil((len(splits["known"]) + len(splits["unknown"])) / cfg.batch_size))
+            matched = matched_l2_weights(probe, steps_per_epoch)
             result = {**result, "l2_probe": matched}
         results.append({**result, **common, "run": run.folder, "sweep_field": run.field, "sweep_value": run.value,
                         "l2_weight": run_cfg.l2_weight if run.method == "l2" else None})

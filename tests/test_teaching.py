@@ -182,3 +182,16 @@ def test_matched_weights_over_the_run_and_over_epoch_one():
     w = sftguard.matched_l2_weights(probe, steps_per_epoch=4)
     assert w["l2_weight"] == pytest.approx(8.0 / (2 * 6.0)) and w["l2_weight_epoch1"] == pytest.approx(6.0 / (2 * 1.5))
     assert (w["steps"], w["steps_epoch1"]) == (4, 2)
+
+
+@pytest.mark.slow
+def test_an_l2_sweep_runs_l2_at_the_weights_its_probe_matched(smoke_dirs, sftguard_cli, tmp_path):
+    proc = sftguard_cli(*smoke_args(smoke_dirs, tmp_path, "--sweep", "l2_weight=0.1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    probe = report["l2_probe"]
+    assert probe["steps"] > probe["steps_epoch1"] > 0 and probe["l2_weight"] > 0 and probe["l2_weight_epoch1"] > 0
+    assert json.loads((tmp_path / "l2-matched" / "config.json").read_text())["l2_weight"] == probe["l2_weight"]
+    assert json.loads((tmp_path / "l2-matched-epoch1" / "config.json").read_text())["l2_weight"] == probe["l2_weight_epoch1"]
+    assert [p["run"] for p in report["points"]] == ["l2-l2_weight0.1", "known_only", "sft", "selfdistill", "l2-matched", "l2-matched-epoch1"]
+    assert "Gradient-matched L2 weight" in (tmp_path / "sweep.md").read_text()
