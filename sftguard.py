@@ -1522,17 +1522,22 @@ def forgetting_anatomy(curve: list[dict], key: str = "held_acc") -> ForgettingAn
     return ForgettingAnatomy(shock=acc[0] - acc[1], residue=residue, drift=total - residue, total=total)
 
 
+SHARE_MIN_TOTAL = 0.02  # residue / total is shown where the (mean) total is at least 2 points: a ratio of noise otherwise
+
+
 def anatomy_cells(anatomies: list[ForgettingAnatomy | None]) -> list[str]:
-    """Shock, residue, drift, total and residue / total as table cells: one run's points, or mean ± sd over seeds."""
+    """Shock, residue, drift, total and residue / total as table cells: one run's points, or mean ± sd over seeds (the
+    share: of the means)."""
     runs = [a for a in anatomies if a is not None]
     if not runs:
         return ["–"] * 5
-    share = [a.residue / a.total if a.total > 0 else None for a in runs]
     show = (lambda xs: pct(xs[0])) if len(runs) == 1 else mean_sd  # noqa: E731
-    return [show([getattr(a, part) for a in runs]) for part in ("shock", "residue", "drift", "total")] + [show(share)]
+    residue, total = (statistics.mean(getattr(a, part) for a in runs) for part in ("residue", "total"))
+    share = pct(residue / total) if total >= SHARE_MIN_TOTAL else "–"
+    return [show([getattr(a, part) for a in runs]) for part in ("shock", "residue", "drift", "total")] + [share]
 
 
-ANATOMY_HEAD = "shock (epoch 1) | residue (best of epochs 2–4) | drift (after) | total (final) | residue / total"
+ANATOMY_HEAD = "shock (epoch 1) | residue (best of epochs 2–4) | drift (after) | total (final) | residue / total %"
 
 
 def anatomy_markdown(head: str, rows: list[tuple[str, list[ForgettingAnatomy | None]]]) -> str:

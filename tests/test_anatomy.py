@@ -59,6 +59,7 @@ def test_the_main_table_shows_points_per_method_and_mean_sd_over_seeds():
     row = next(line for line in seeds.splitlines() if line.startswith("| sft |"))
     # shock 20 and 10 points: mean 15, sample sd 7.1; residue 5 in both; drift 5 and 15; total 10 and 20
     assert [c.strip() for c in row.split("|")[2:6]] == ["15.0 ± 7.1", "5.0 ± 0.0", "10.0 ± 7.1", "15.0 ± 7.1"]
+    assert row.split("|")[6].strip() == "33.3"  # of the means: 5 / 15
 
 
 def test_interference_rows_split_by_relation(tmp_path):
@@ -84,3 +85,8 @@ def test_the_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     text = S.anatomy_report([fake_result("sft", [0.9, 0.7, 0.8, 0.8])], tmp_path, "t")
     assert "anatomy.png" in text and (tmp_path / "anatomy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_share_of_a_tiny_total_is_not_shown():
+    row = S.anatomy_cells([S.ForgettingAnatomy(shock=0.01, residue=0.005, drift=0.005, total=0.01)])
+    assert row == ["1.0", "0.5", "0.5", "1.0", "–"]
