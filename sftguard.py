@@ -1582,7 +1582,8 @@ def anatomy_report(results: list[dict], plot_dir: Path | None = None, title: str
     """The main study's table (one row per method; results of one seed, or lists of one method's results over seeds),
     and anatomy.png in plot_dir when given."""
     per_method = [rs if isinstance(rs, list) else [rs] for rs in results]
-    rows = [(run_name(rs[0]["method"], rs[0]["trainable"]), [forgetting_anatomy(r["curve"]) for r in rs]) for rs in per_method]
+    rows = [(rs[0].get("run") or run_name(rs[0]["method"], rs[0]["trainable"]), [forgetting_anatomy(r["curve"]) for r in rs])
+            for rs in per_method]  # a sweep's runs by their folder
     text = anatomy_markdown("method", rows)
     if plot_dir is not None and plot_anatomy(plot_dir / "anatomy.png", rows, title or "Where the forgetting comes from"):
         text += "\n![where the forgetting comes from](anatomy.png)\n"
@@ -2688,30 +2689,36 @@ class SweepRun:
 
 def sweep_runs(cfg: Config) -> list[SweepRun]:
     """Every run of a sweep: each value of each field, then the controls at their configured settings: known_only, sft,
-    the regulariser not swept, and with l2_weight swept the self-distillation run that probes the KL gradient and L2 at
-    the weights matched to it (over the whole run, and over epoch 1 alone; run_sweep fills them in)."""
+    the regulariser not swept, and with l2_weight swept L2 at the weights matched to self-distillation's KL gradient
+    (over the whole run, and over epoch 1 alone; run_sweep fills them in), probed on the self-distillation run at the
+    configured lambda and tau (a swept one, or a control)."""
     fields = parse_sweep(cfg.sweep)
     runs = [SweepRun(f"{SWEEPABLE[name]}-{name}{v:g}", SWEEPABLE[name], name, v, replace(cfg, **{name: v}))
             for name, values in fields for v in values]
     swept = {name for name, _ in fields}
     controls = ["known_only", "sft"]
-    if "l2_weight" in swept or not swept & {"kl_weight", "temperature"}:
+    if not swept & {"kl_weight", "temperature"} or ("l2_weight" in swept and not any(map(is_default_selfdistill(cfg), runs))):
         controls.append("selfdistill")
     controls += ["l2-matched", "l2-matched-epoch1"] if "l2_weight" in swept else ["l2"]
     return runs + [SweepRun(c, c.split("-")[0], None, None, cfg) for c in controls]
+
+
+def is_default_selfdistill(cfg: Config):
+    """Whether a sweep's run is self-distillation at cfg's lambda and tau (the run that probes the KL gradient)."""
+    return lambda run: run.method == "selfdistill" and (run.cfg.kl_weight, run.cfg.temperature) == (cfg.kl_weight, cfg.temperature)
 
 
 def run_sweep(teacher, tokenizer, splits, eval_sets, teacher_scores, common: dict, cfg: Config, folders: dict,
               checkpoints: Path | None = None) -> dict:
     """Stage 2 once per swept value and once per control, every run from the same teacher; then the frontier."""
     runs = sweep_runs(cfg)
-    probing = "l2-matched" in {r.folder for r in runs}
+    probed = next((r.folder for r in runs if is_default_selfdistill(cfg)(r)), None) if "l2-matched" in {r.folder for r in runs} else None
     probe, matched = {"kl_grad_norm": [], "distance": [], "step": []}, {}
     steps_per_epoch = math.ceil((len(splits["known"]) + len(splits["unknown"])) / cfg.batch_size)
     every = max(1, min(4, steps_per_epoch // 4))  # at least 4 probe steps in epoch 1, the first at distance 0
     results = []
     for run in runs:
-        run_cfg, is_probe = run.cfg, probing and run.folder == "selfdistill"
+        run_cfg, is_probe = run.cfg, run.folder == probed
         if run.folder.startswith("l2-matched"):  # the weight the probe measured
             run_cfg = replace(run_cfg, l2_weight=matched["l2_weight_epoch1" if run.folder.endswith("epoch1") else "l2_weight"])
         result = run_method(run.method, None, teacher, tokenizer, splits, eval_sets, teacher_scores, run_cfg,
@@ -2845,7 +2852,8 @@ def write_sweep_report(root: Path, results: list[dict], teacher_scores: dict, cf
                       f"Every run starts from the same teacher (D_known {pct(teacher_scores['known_acc'])}, D_unknown "
                       f"{pct(teacher_scores['unknown_acc'])}, D_held {pct(teacher_scores['held_acc'])}); accuracy % after "
                       f"{cfg.epochs} epochs of stage 2. Rows without a swept value are the controls at their configured settings.\n\n"
-                      + sweep_table(results) + "\n" + matched + equal_acquisition_table(results) + "\n" + note)
+                      + sweep_table(results) + "\n" + matched + equal_acquisition_table(results) + "\n" + note
+                      + "\n" + anatomy_report(results))  # Part II, §7c
     write_json_atomic(root / "sweep.json", {"sweep": cfg.sweep, "swept": fields[0] if len(fields) == 1 else fields, "seed": cfg.seed,
                                             "preset": cfg.preset, "teacher": teacher_scores, "l2_probe": probe, "points": points})
     print("\n" + sweep_table(results) + "\n" + matched + equal_acquisition_table(results))

@@ -170,6 +170,10 @@ def test_an_l2_sweep_adds_the_probe_and_the_matched_weights():
         ("l2-l2_weight0.1", "l2", "l2_weight", 0.1), ("known_only", "known_only", None, None), ("sft", "sft", None, None),
         ("selfdistill", "selfdistill", None, None), ("l2-matched", "l2", None, None), ("l2-matched-epoch1", "l2", None, None)]
     assert runs[2].cfg.l2_weight == 0.1 and runs[0].cfg.kl_weight == 0.5 and runs[3].cfg.kl_weight == 1.0
+    # the probe is the self-distillation run at the configured lambda and tau: a swept one where there is one
+    with_default = [r.folder for r in sftguard.sweep_runs(sftguard.parse_config(["--sweep", "kl_weight=1,2;l2_weight=0.1"]))]
+    assert with_default == ["selfdistill-kl_weight1", "selfdistill-kl_weight2", "l2-l2_weight0.1", "known_only", "sft",
+                            "l2-matched", "l2-matched-epoch1"]
     kl_only = [r.folder for r in sftguard.sweep_runs(sftguard.parse_config(["--sweep", "kl_weight=0,16"]))]
     assert kl_only == ["selfdistill-kl_weight0", "selfdistill-kl_weight16", "known_only", "sft", "l2"]
     with pytest.raises(sftguard.UserError, match="each NAME once"):
