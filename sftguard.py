@@ -326,7 +326,7 @@ def pretrain_base_model(cfg: Config, data_dir: Path, world: dict) -> Path:
     from transformers import AutoModelForCausalLM
 
     cache = Path(cfg.cache_dir) / f"base-{base_model_key(cfg, world)}"
-    if (cache / "config.json").is_file():
+    if (cache / "config.json").is_file() or restore_shipped_base_model(cfg, world, cache):  # shipped: Part III, §12
         return cache
     texts = [json.loads(line)["text"] for line in (data_dir / "pretrain.jsonl").read_text().splitlines() if line.strip()]
     seed_everything(0)  # the base model is a property of the world, not of the run's seed
@@ -2443,8 +2443,12 @@ def data_folder(cfg: Config) -> Path:
                         f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
     if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
         print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
-        data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(cfg.preset, {}), "preset": cfg.preset, "out": str(data_dir)}))
+        build_preset_world(cfg.preset, data_dir)
     return data_dir
+
+
+def build_preset_world(preset: str, out: Path):
+    data_prep.build_world(data_prep.WorldConfig(**{**data_prep.WORLD_PRESETS.get(preset, {}), "preset": preset, "out": str(out)}))
 
 
 def check_config(cfg: Config):
@@ -2615,14 +2619,8 @@ def model_fingerprint(folder: Path, cache_dir: Path) -> str:
 
 
 def cached_categories(model, tokenizer, facts, cfg: Config, model_path: Path) -> dict[str, str]:
-    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting), each
-    keyed by content: the model folder's files and the dtype / device it runs in, the facts' text, the settings."""
-    spec = json.dumps({"model": model_fingerprint(model_path, Path(cfg.cache_dir)),
-                       "runs_on": [str(model.dtype), model.device.type],
-                       "facts": [[f[k] for k in ("id", "relation", "subject", "question", "answers")] for f in facts],
-                       "slick": [cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples, cfg.slick_temperature, cfg.slick_top_k,
-                                 cfg.eval_batch_size]})  # the batch decides which random numbers each prompt's samples get
-    path = Path(cfg.cache_dir) / f"slick-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.json"
+    """SliCK categories describe the base model, so they are computed once per (model, facts, SliCK setting)."""
+    path = Path(cfg.cache_dir) / categories_cache_name(model, facts, cfg, model_path)
     if path.is_file():
         return json.loads(path.read_text())
     seed_everything(0)
@@ -2642,6 +2640,74 @@ def slick_vs_truth(facts: list[dict], categories: dict[str, str]) -> dict | None
         table[categories[f["id"]]]["in_pretraining" if f["in_pretraining"] else "not_in_pretraining"] += 1
     agree = sum((categories[f["id"]] != "Unknown") == bool(f["in_pretraining"]) for f in scored)
     return {"table": table, "agreement": agree / len(scored)}
+
+
+def categories_cache_name(model, facts, cfg: Config, model_path: Path) -> str:
+    """slick-<hash>.json, keyed by content: the model folder's files and the dtype / device it runs in, the facts' text,
+    the SliCK settings."""
+    spec = json.dumps({"model": model_fingerprint(model_path, Path(cfg.cache_dir)),
+                       "runs_on": [str(model.dtype), model.device.type],
+                       "facts": [[f[k] for k in ("id", "relation", "subject", "question", "answers")] for f in facts],
+                       "slick": [cfg.slick_prompts, cfg.slick_shots, cfg.slick_samples, cfg.slick_temperature, cfg.slick_top_k,
+                                 cfg.eval_batch_size]})  # the batch decides which random numbers each prompt's samples get
+    return f"slick-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.json"
+
+
+# --- The shipped default base model: a fresh clone's first run skips pretraining and SliCK (README: The first run) ---
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"  # key.json, base-<key>/ and slick-<hash>.json, as in --cache_dir
+# The source of these functions decides the pretrained base model and its SliCK categories, given the world and config.
+SHIPPED_CODE = ("seed_everything", "train_tokenizer", "make_model_config", "pretrain_base_model", "next_token_loss", "get_lr",
+                "train", "answer_logits", "output_layer_separable", "sparse_tied_embedding_gradient", "resolve_precision",
+                "Precision", "base_model_key", "category_pool", "categorize_facts", "slick_category", "few_shot_prompt",
+                "generate_answers", "max_answer_tokens", "is_correct", "normalize_answer", "stop_token_ids", "cached_categories",
+                "categories_cache_name")
+SHIP_COMMAND = "python -c 'import sftguard; sftguard.ship_base_model()'"
+
+
+def shipped_key(cfg: Config, world: dict) -> str:
+    """What shipped files must come from: the base model's cache key (world fingerprint, pretraining config) and the
+    source of SHIPPED_CODE, so that files made by older code are never used."""
+    import inspect
+    source = "".join(inspect.getsource(globals()[name]) for name in SHIPPED_CODE)
+    return f"{base_model_key(cfg, world)}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def restore_shipped_base_model(cfg: Config, world: dict, cache: Path, shipped: Path | None = None) -> bool:
+    """Copy the shipped base model and its SliCK categories into --cache_dir if they were made by this code from this
+    world and config (shipped/key.json); False otherwise, and the caller pretrains."""
+    shipped = shipped or SHIPPED_DIR
+    key_file = shipped / "key.json"
+    if not key_file.is_file() or json.loads(key_file.read_text())["key"] != shipped_key(cfg, world):
+        return False
+    if not (shipped / cache.name / "config.json").is_file():
+        return False
+    save_folder_atomic(cache, lambda tmp: shutil.copytree(shipped / cache.name, tmp, dirs_exist_ok=True))
+    for categories in shipped.glob("slick-*.json"):  # named by the hash cached_categories looks up
+        if not (Path(cfg.cache_dir) / categories.name).exists():
+            shutil.copyfile(categories, Path(cfg.cache_dir) / categories.name)
+    print(f"using the base model and SliCK categories shipped in {shipped} (made by this code from this world)")
+    return True
+
+
+def ship_base_model(preset: str = "default", shipped: Path | None = None) -> Path:
+    """Regenerate shipped/ from scratch: build the preset's world, pretrain its base model and categorise its facts on
+    the CPU in a fresh cache (as a fresh clone's first run would), then copy both there with their key (minutes)."""
+    shipped = shipped or SHIPPED_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_config(["--preset", preset, "--device", "cpu", "--cache_dir", tmp, "--data", str(Path(tmp) / "world")])
+        build_preset_world(preset, Path(cfg.data))  # fresh, from the current data_prep.py
+        facts, world = load_facts(Path(cfg.data))
+        if shipped.exists():
+            shutil.rmtree(shipped)  # else pretraining would restore the old files
+        model, tokenizer, path = load_base_model(cfg, Path(cfg.data), world, torch.device("cpu"))
+        cached_categories(model, tokenizer, category_pool(facts, cfg), cfg, path)
+        shipped.mkdir(parents=True)
+        shutil.copytree(path, shipped / path.name)
+        for categories in Path(tmp).glob("slick-*.json"):
+            shutil.copyfile(categories, shipped / categories.name)
+        write_json_atomic(shipped / "key.json", {"key": shipped_key(cfg, world), "preset": preset, "torch": torch.__version__,
+                                                 "regenerate": SHIP_COMMAND})
+    return shipped
 
 
 # =====================================================================================================
