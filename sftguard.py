@@ -2837,13 +2837,15 @@ def frontier_forgetting_at(points: list[tuple[float, float]], target: float) -> 
 
 def equal_acquisition_table(results: list[dict], target: float = EQUAL_ACQUISITION) -> str:
     """Each method's forgetting at new-fact accuracy `target`: on each swept field's frontier (final values, interpolated
-    between swept values), and along each run's own curve (interpolated between epochs; a sweep's best run)."""
+    between swept values; the method's controls are points of it too, at their weights), and along each run's own curve
+    (interpolated between epochs; a sweep's best run)."""
     lines = [f"At equal acquisition: forgetting % where new-fact accuracy is {pct(target)}%. Frontier: between the swept "
              "values whose final new-fact accuracies bracket it. Curve: where the run's own new-fact accuracy first reached "
              "it, between epochs (for a sweep, its lowest run).", "",
              "| method | runs | final new-fact acc | forgetting on the frontier | forgetting on the curve (epoch) |", "|---|---|---|---|---|"]
     fields = list(dict.fromkeys(r["sweep_field"] for r in results if r.get("sweep_field")))
-    groups = [(f"{SWEEPABLE[f]}, {SWEEP_SYMBOL[f]} swept", [r for r in results if r.get("sweep_field") == f]) for f in fields]
+    groups = [(f"{SWEEPABLE[f]}, {SWEEP_SYMBOL[f]} swept", [r for r in results if r.get("sweep_field") == f or
+                                                           (not r.get("sweep_field") and r["method"] == SWEEPABLE[f])]) for f in fields]
     groups += [(r["run"] + (f" (α={r['l2_weight']:.3g})" if r["method"] == "l2" else ""), [r]) for r in results
                if not r.get("sweep_field") and r["method"] != "known_only"]
     for label, runs in groups:
@@ -2856,6 +2858,17 @@ def equal_acquisition_table(results: list[dict], target: float = EQUAL_ACQUISITI
         lines.append(f"| {label} | {len(runs)} | {finals} | {'–' if len(runs) == 1 else pct(frontier) if frontier is not None else 'outside the runs'} "
                      f"| {curve_cell} |")
     return "\n".join(lines) + "\n"
+
+
+def rewrite_sweep_report(folder: str) -> Path:
+    """sweep.md, sweep.json and frontier.png again from the results.json of every run of the sweep in folder (no
+    training): python -c 'import sftguard; sftguard.rewrite_sweep_report("results/default-sweep-l2-vs-kl")'."""
+    root = Path(folder)
+    report = json.loads((root / "sweep.json").read_text())
+    cfg = parse_config(["--sweep", report["sweep"], "--preset", report["preset"], "--seed", str(report["seed"]), "--out", folder])
+    results = [json.loads((root / run.folder / "results.json").read_text()) for run in sweep_runs(cfg)]
+    write_sweep_report(root, results, results[0]["teacher"], cfg)
+    return root / "sweep.md"
 
 
 def reached_epoch(curve: list[dict], target: float, key: str = "unknown_acc") -> int | None:

@@ -158,8 +158,12 @@ def test_equal_acquisition_table_reads_each_method_at_ninety_percent():
     # L2: between 50% (10%) and 100% (25%) at 90%: 22%; its alpha=0.1 curve passes 90% 0.9/0.95 of the way to epoch 1,
     # where held-out accuracy is 0.8 - 0.16 * 0.9 / 0.95 = 0.648: 18.9% (first reached in epoch 1); alpha=0.03 reaches
     # 90% too, with more forgetting (27%): the table shows the sweep's lowest
-    assert lines["l2, α swept"] == ["3", "100.0, 50.0, 100.0", "22.0", "18.9 (l2-l2_weight0.1, epoch 1)"]
+    # (the matched L2 run is a point of the alpha frontier too, at 20% new facts: it does not bracket 90%)
+    assert lines["l2, α swept"] == ["4", "100.0, 50.0, 100.0, 20.0", "22.0", "18.9 (l2-l2_weight0.1, epoch 1)"]
     assert lines["l2-matched (α=0.9)"] == ["1", "20.0", "–", "never reached"]
+    # without the alpha = 1 run, the matched run's 20% and alpha = 0.1's 100% bracket 90%: 25 - (25 - 5) / 8 = 22.5
+    without = sftguard.equal_acquisition_table([r for r in rows if r["run"] != "l2-l2_weight1"])
+    assert "| l2, α swept | 3 | 100.0, 100.0, 20.0 | 22.5 |" in without
     assert "known_only" not in lines
 
 
