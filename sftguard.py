@@ -725,8 +725,8 @@ def method_loss(method: str, student, teacher, cfg: Config, batches=None):
 
 def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, eval_sets, teacher_scores, cfg: Config,
                checkpoint_dir: Path | None = None, save_to: Path | None = None, make_loss=None) -> dict:
-    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch (make_loss: another
-    builder of the loss than method_loss, same arguments, whose loss runs the teacher; --sweep's L2 probe). With checkpoint_dir,
+    """Stage 2 for one method, from a fresh copy of the teacher; evaluated after every epoch. make_loss: another builder
+    of the loss than method_loss, same arguments, whose loss runs the teacher (--sweep's L2 probe). With checkpoint_dir,
     the result is saved there when done and the student after every epoch where that is cheap (--epoch_checkpoints),
     and a killed run resumes from them (or restarts the method from the teacher)."""
     finished = finished_result(checkpoint_dir, run_name(method, trainable))  # --resume (Part III, §11)
