@@ -2115,15 +2115,18 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
         shutil.rmtree(path)
 
     def write(tmp: Path):
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not save_sharded_state(tmp, model, optimizer):  # FSDP2: DCP, each rank its shards (§16)
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not is_main_rank():
+            return
         rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
 
-    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
+    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write, every_rank=is_sharded(model))
 
 
 def resumed_teacher(checkpoint_dir: Path | None, model) -> dict | None:
@@ -2134,7 +2137,8 @@ def resumed_teacher(checkpoint_dir: Path | None, model) -> dict | None:
     saved = checkpoint_dir / "teacher" if checkpoint_dir is not None else None
     if saved is None or not (saved / "stage1.json").is_file():
         return None
-    load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
+    if not load_sharded_state(saved, model):  # a DCP checkpoint of FSDP2 (§16)
+        load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
     tqdm.write(f"stage 1: resumed the teacher from {saved}")
     return json.loads((saved / "stage1.json").read_text())
 
@@ -2157,10 +2161,13 @@ def save_teacher_checkpoint(checkpoint_dir: Path | None, teacher, stage1: dict, 
     check_free_space(checkpoint_dir, model_bytes(teacher), "the teacher", MORE_SPACE)
 
     def write(tmp: Path):
-        save_model(teacher, str(tmp / "model.safetensors"))
+        if not save_sharded_state(tmp, teacher):  # FSDP2: DCP, each rank its shards (§16)
+            save_model(teacher, str(tmp / "model.safetensors"))
+        if not is_main_rank():
+            return
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
         (tmp / "stage1.json").write_text(json.dumps(stage1))
-    save_folder_atomic(checkpoint_dir / "teacher", write)
+    save_folder_atomic(checkpoint_dir / "teacher", write, every_rank=is_sharded(teacher))
 
 
 def resumed_training(checkpoint_dir: Path | None, model, optimizer, generator, epochs: int, desc: str) -> tuple:
@@ -2197,8 +2204,9 @@ def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
     from safetensors.torch import load_model
 
     device = next(model.parameters()).device
-    load_model(model, path / "model.safetensors", device=str(device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if not load_sharded_state(path, model, optimizer):  # a DCP checkpoint of FSDP2 (§16)
+        load_model(model, path / "model.safetensors", device=str(device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
@@ -3503,6 +3511,41 @@ def savable_model(model):
         plain = plain_class(model.config)
     plain.load_state_dict(state, assign=True)
     return plain
+
+
+# --- Checkpoints of a sharded model: torch.distributed.checkpoint (DCP), each rank writing and reading its shards ------
+# The rest of a checkpoint (RNG states, state.json, stage1.json, config.json) is rank 0's, as in one process; the
+# RNG states are the same on every rank (the same seeds, the same draws). DCP reshards on loading: a run killed under
+# N ranks resumes under M.
+def save_sharded_state(folder: Path, model, optimizer=None) -> bool:
+    """With FSDP2: model (and optimizer) state into folder/state.dcp, by every rank; True. Without: False."""
+    if not is_sharded(model):
+        return False
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+
+    state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) if optimizer is not None else \
+        {"model": get_model_state_dict(model)}
+    dcp.save(state, checkpoint_id=str(folder / "state.dcp"))
+    return True
+
+
+def load_sharded_state(folder: Path, model, optimizer=None) -> bool:
+    """The DCP state of save_sharded_state into model (sharded or not) and optimizer; False if folder has none."""
+    if not (folder / "state.dcp").is_dir():
+        return False
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(folder / "state.dcp"))
+        set_model_state_dict(model, state["model"])
+        return True
+    state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+    dcp.load(state, checkpoint_id=str(folder / "state.dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return True
 
 
 def full_state_dict(model) -> dict:
