@@ -39,6 +39,7 @@ import string
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1409,7 +1410,10 @@ def cloning_markdown(result: dict) -> str:
 
 
 def pyplot():
-    """matplotlib.pyplot drawing to files (Agg); None where an older install lacks matplotlib (then no PNG)."""
+    """matplotlib.pyplot drawing to files (Agg); None where an older install lacks matplotlib (then no PNG), and on
+    ranks > 0 under torchrun (rank 0 draws, §16)."""
+    if not is_main_rank():
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1763,7 +1767,8 @@ def teacher_off_device(teacher, runs_teacher: bool):
     """While a loss that does not run the teacher trains (loss_runs_teacher false), the teacher waits in CPU memory and
     comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
     device = next(teacher.parameters()).device
-    away = device.type != "cpu" and not runs_teacher
+    # a sharded (FSDP2) teacher stays: its shards are 1/N of it, and its device mesh is the GPUs' (§16)
+    away = device.type != "cpu" and not runs_teacher and not is_sharded(teacher)
     if away:
         teacher.to("cpu")
         torch.cuda.empty_cache()
@@ -1985,19 +1990,23 @@ def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> Me
     act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
     longest = max(len(ids) for ids, _ in batches.examples)  # the encoded examples: no tensor per example
     answers = max(sum(t != -100 for t in labels[1:]) for _, labels in batches.examples) * cfg.batch_size
-    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
+    # under torchrun a rank's batch is 1/N of the global one; FSDP2 also gives it 1/N of the model state (§16)
+    ranks, shards = world_size(), world_size() if uses_fsdp(teacher, cfg) else 1
+    teacher_bytes //= shards
+    kept = teacher_bytes if device.type == "cpu" or shards > 1 else 0  # on a GPU the teacher leaves unless a loss reads it
     extra = [kept]
     if any(m == "l2" for m, _ in runs):
-        extra.append(kept + trainable * 4)
+        extra.append(kept + trainable * 4 // shards)
     if any(m == "selfdistill" for m, _ in runs):
         mode = teacher_cache_mode(teacher, batches, cfg)
         row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
         extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
     separable = output_layer_separable(teacher, batches)
     logit_rows = answers if separable else longest * cfg.batch_size
-    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
-                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
-                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
+    return MemoryPlan(weights=n * 4 // shards, gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,
+                      teacher=max(extra),
+                      activations=activation_bytes(teacher, longest * math.ceil(cfg.batch_size / ranks), cfg, act_bytes),
+                      logits=(logit_rows * vocab * act_bytes + answers * vocab * 8) // ranks,
                       available=device_memory_bytes(device) + teacher_bytes)
 
 
@@ -2006,7 +2015,7 @@ def check_memory_plan(plan: MemoryPlan):
     if plan.total > 1.1 * plan.available:
         raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
                         f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
-                        f"extra), or use several GPUs")
+                        f"extra), or several GPUs (torchrun --nproc_per_node N ... --fsdp on: README, More than one GPU)")
 
 
 # =====================================================================================================
@@ -3230,7 +3239,8 @@ def cli(argv=None):
     except Exception as e:  # under torchrun: one line, and a non-zero exit that makes torchrun end the other ranks
         if not launched_by_torchrun():
             raise
-        rank_error_line(f"error: {type(e).__name__}: {e}")
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        rank_error_line(f"error: {type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
         sys.exit(1)
 
 
@@ -3307,7 +3317,7 @@ def stop_ranks():
 
 def rank_error_line(message: str) -> str:
     """One line per failing rank under torchrun (which then ends the other ranks), printed where the user sees it."""
-    line = f"rank {rank()}: {message}" if launched_by_torchrun() else message
+    line = f"rank {os.environ['RANK']}: {message}" if launched_by_torchrun() else message  # also before the group starts
     print(line, file=sys.__stderr__ if world_size() > 1 else sys.stderr)
     return line
 
