@@ -3478,6 +3478,8 @@ def on_ranks(fn, items, model=None, desc: str = "") -> list:
             mine[share[k]] = detached_to_cpu(fn(items[share[k]]))
         else:
             fn(items[share[0] if share else 0])  # keeps the sharded forward passes in step; the result is not needed
+    if model is not None and is_sharded(model):
+        model.reshard()  # FSDP2 keeps the root's weights (embeddings, output layer) gathered after a forward pass
     gathered = [None] * n
     torch.distributed.all_gather_object(gathered, mine)
     merged = {i: v for part in gathered for i, v in part.items()}

@@ -175,7 +175,44 @@ def test_distributed_slick_gives_the_same_categories(smoke_base, sharded, tmp_pa
     assert on_two_ranks("slick", str(smoke_base.path), facts, cfg, sharded, tmp_path=tmp_path) == ref
 
 
-JOBS = {"train": train_job, "slick": slick_job}
+# --- --resume under FSDP2: torch.distributed.checkpoint, each rank its shards -------------------------------------
+def resume_job(folder: str):
+    """Two epochs straight; two epochs killed after the first epoch's checkpoint; then resumed from it, into a model
+    with other weights. And the stage-1 teacher checkpoint of a sharded teacher, loaded into a plain model."""
+    cfg = S.Config(precision="fp32", device="cpu", fsdp="on", lr=3e-3, warmup_frac=0.3, batch_size=6)
+    checkpoints, batches = Path(folder) / "method", uneven_batches()
+    straight = tiny_llama(0)
+    S.train(straight, batches, S.next_token_loss, epochs=2, lr=cfg.lr, cfg=cfg, desc="straight", seed=0)
+
+    def killed_in_epoch_2(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # after epoch 1's checkpoint, before epoch 2's
+    killed = tiny_llama(0)
+    with pytest.raises(KeyboardInterrupt):
+        S.train(killed, batches, S.next_token_loss, epochs=2, lr=cfg.lr, cfg=cfg, desc="killed", seed=0,
+                checkpoint_dir=checkpoints, on_epoch_end=killed_in_epoch_2)
+    files = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*") if p.is_file())
+    resumed = tiny_llama(7)
+    S.train(resumed, batches, S.next_token_loss, epochs=2, lr=cfg.lr, cfg=cfg, desc="resumed", seed=0, checkpoint_dir=checkpoints)
+    S.save_teacher_checkpoint(Path(folder), S.freeze_as_teacher(straight), {"best_epoch": 2}, cfg)
+    plain = tiny_llama(3)
+    stage1 = S.resumed_teacher(Path(folder), plain)
+    return {"straight": S.full_state_dict(straight), "resumed": S.full_state_dict(resumed), "files": files,
+            "teacher": plain.state_dict(), "stage1": stage1}
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_from_its_distributed_checkpoint(tmp_path):
+    out = on_two_ranks("resume", str(tmp_path / "run"), tmp_path=tmp_path)
+    assert any(f.startswith("epoch-0001/state.dcp/") for f in out["files"])  # DCP: the shards, no safetensors
+    assert not any(f.endswith(".safetensors") for f in out["files"]) and "epoch-0001/rng.pt" in out["files"]
+    for k, v in out["straight"].items():
+        assert torch.allclose(out["resumed"][k], v, atol=1e-6, rtol=0), k
+        assert torch.equal(out["teacher"][k], v), k
+    assert out["stage1"] == {"best_epoch": 2}
+
+
+JOBS = {"train": train_job, "slick": slick_job, "resume": resume_job}
 
 
 # --- The whole study under torchrun -----------------------------------------------------------------------------
