@@ -34,12 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, port, job, args, out):
+def _rank_main(rank, world, port, job, args, out):
     """One rank of a gloo group, as torchrun would start it (the same environment variables)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = JOBS[job](*args)
         if rank == 0:
@@ -48,10 +48,10 @@ def _rank_main(rank, port, job, args, out):
         torch.distributed.destroy_process_group()
 
 
-def on_two_ranks(job: str, *args, tmp_path: Path):
-    """JOBS[job](*args) on two ranks; rank 0's return value."""
+def on_two_ranks(job: str, *args, tmp_path: Path, world: int = WORLD):
+    """JOBS[job](*args) on two (or `world`) ranks; rank 0's return value."""
     out = tmp_path / f"{job}.pt"
-    ctx = mp.start_processes(_rank_main, args=(free_port(), job, args, out), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(_rank_main, args=(world, free_port(), job, args, out), nprocs=world, join=False, start_method="spawn")
     for _ in range(240):
         if ctx.join(timeout=1):
             break
@@ -73,7 +73,8 @@ def tiny_llama(seed: int):
 
 def uneven_batches(size=13, batch_size=6) -> S.QABatches:
     """QA examples of different prompt and answer lengths (so the ranks' slices hold different numbers of answer
-    tokens), 13 of them in batches of 6: the last batch has one example, so rank 1 has none there."""
+    tokens), 13 of them in batches of 6: the last batch has one example, so rank 0 has none there (14 on three
+    ranks: two examples, rank 0 has none)."""
     g = torch.Generator().manual_seed(1)
     examples = []
     for i in range(size):
@@ -83,7 +84,7 @@ def uneven_batches(size=13, batch_size=6) -> S.QABatches:
     return S.QABatches(examples, batch_size, pad_token_id=2)
 
 
-def train_job(method: str, fsdp: str, trainable: str = "all"):
+def train_job(method: str, fsdp: str, trainable: str = "all", size: int = 13):
     """Train the tiny model for one epoch (3 steps); (per-step losses of the global batch, final weights, the
     teacher's weights before and after, the student's before)."""
     cfg = S.Config(precision="fp32", device="cpu", fsdp=fsdp, lr=3e-3, warmup_frac=0.3, grad_clip=0.5, kl_weight=1.0,
@@ -94,7 +95,7 @@ def train_job(method: str, fsdp: str, trainable: str = "all"):
     teacher_before = {k: v.clone() for k, v in S.full_state_dict(teacher).items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     S.set_trainable(student, trainable)
-    batches = uneven_batches()
+    batches = uneven_batches(size)
     loss_fn = S.method_loss(method, student, teacher, cfg, batches)
     seen = []
 
@@ -128,6 +129,13 @@ def assert_same_training(ref, other):
 def test_ddp_equals_one_process_after_three_steps(method, tmp_path):
     ref = train_job(method, "off")
     assert_same_training(ref, on_two_ranks("train", method, "off", tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+def test_ddp_on_three_ranks_weighs_a_repeated_example_zero(tmp_path):
+    """A last batch of two examples on three ranks: rank 0 runs the first again, with weight 0."""
+    ref = train_job("sft", "off", "all", 14)
+    assert_same_training(ref, on_two_ranks("train", "sft", "off", "all", 14, tmp_path=tmp_path, world=3))
 
 
 @pytest.mark.slow
