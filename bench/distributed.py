@@ -161,6 +161,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     import tempfile
 
+    os.environ["TQDM_DISABLE"] = "1"  # the children inherit it before they import tqdm
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("sft", "selfdistill"):
