@@ -103,7 +103,6 @@ def train_job(method: str, fsdp: str, trainable: str = "all", size: int = 13):
         loss = loss_fn(logits, targets, batch)
         seen.append((loss.item(), 0 if "repeated" in batch else len(targets)))
         return loss
-    recorded.__dict__.update(vars(loss_fn))
     S.train(student, batches, recorded, epochs=1, lr=cfg.lr, cfg=cfg, desc="t", seed=0)
     if S.world_size() > 1:  # each step's loss over the global batch: the ranks' means weighted by their tokens
         parts = [None] * S.world_size()
