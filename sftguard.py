@@ -228,15 +228,11 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     answers: list[list[str]] = [[] for _ in prompts]
     per_prompt = max(1, num_samples)
     batch_size = max(1, batch_size // per_prompt)
-    # Each batch samples from its own seed, so that its answers do not depend on which batches ran before it (or where).
-    seed = same_on_every_rank(int(torch.randint(2**31, ()))) if sampling else 0
-
     def answer_batch(start):  # a list of answers per prompt of the batch starting at `start`
         idx = order[start:start + batch_size]
-        if sampling:
-            torch.manual_seed(seed + start)
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, generation_config=gen_config, synced_gpus=is_sharded(model))
+        synced = {"synced_gpus": True} if is_sharded(model) else {}  # FSDP2: every rank in every forward pass (§16)
+        out = model.generate(**enc, generation_config=gen_config, **synced)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [[t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]] for j in range(len(idx))]
 
@@ -246,7 +242,9 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     shipped, model.generation_config = model.generation_config, GenerationConfig()
     try:
         starts = range(0, len(order), batch_size)
-        for start, batch_answers in zip(starts, on_ranks(answer_batch, starts, model, desc)):  # ranks share the batches (§16)
+        # ranks share the greedy batches; sampling draws one stream of random numbers, as one process does (§16)
+        results = sampled_as_one_process(answer_batch, starts, desc) if sampling else on_ranks(answer_batch, starts, model, desc)
+        for start, batch_answers in zip(starts, results):
             for i, a in zip(order[start:start + batch_size], batch_answers):
                 answers[i] = a
     finally:
@@ -3256,7 +3254,8 @@ def cli(argv=None):
 #   gradient that DDP / FSDP2 average over ranks is the one-process gradient of the global batch; the steps, the
 #   learning-rate schedule and clipping (of the whole gradient) are those of one process;
 # - answering (SliCK, every evaluation) and the teacher cache: rank r takes every N-th batch of the one-process
-#   batching (the same batches, so the same numbers) and the results are gathered back into their order;
+#   batching (the same batches, so the same numbers) and the results are gathered back into their order; SliCK's
+#   sampled answers (one stream of random numbers) are drawn as one process draws them, by every rank;
 #   a sharded model needs every rank in every forward pass, so the shorter shares repeat a batch and
 #   generate() runs with synced_gpus;
 # - only rank 0 prints and writes (results, reports, caches, checkpoints); the others wait where they read it.
@@ -3484,6 +3483,14 @@ def on_ranks(fn, items, model=None, desc: str = "") -> list:
     torch.distributed.all_gather_object(gathered, mine)
     merged = {i: v for part in gathered for i, v in part.items()}
     return [merged[i] for i in range(len(items))]
+
+
+def sampled_as_one_process(fn, items, desc: str = "") -> list:
+    """[fn(item) for item in items] on every rank, rank 0's results kept. For sampled answers (SliCK's WeaklyKnown vs
+    Unknown): their random numbers come in one stream, batch after batch, so only the one-process order gives the
+    one-process answers (every rank starts from the same seed: cached_categories). Not shared out, unlike greedy
+    answering: sharing would need a seed per batch, which would change the categories of every one-process run."""
+    return same_on_every_rank([fn(x) for x in tqdm(list(items), desc=desc, leave=False, disable=len(items) <= 1)])
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
