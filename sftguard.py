@@ -40,6 +40,7 @@ import string
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -228,18 +229,25 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     answers: list[list[str]] = [[] for _ in prompts]
     per_prompt = max(1, num_samples)
     batch_size = max(1, batch_size // per_prompt)
+    def answer_batch(start):  # a list of answers per prompt of the batch starting at `start`
+        idx = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+        synced = {"synced_gpus": True} if is_sharded(model) else {}  # FSDP2: every rank in every forward pass (§16)
+        out = model.generate(**enc, generation_config=gen_config, **synced)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [[t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]] for j in range(len(idx))]
+
     # generate() fills every field left unset from model.generation_config, i.e. the checkpoint's generation_config.json
     # (top_p, repetition or n-gram penalties, forced / suppressed / bad tokens, min_length, ...). An empty one in its
     # place leaves only transformers' neutral defaults: the answers follow the protocol whatever the checkpoint ships.
     shipped, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, generation_config=gen_config)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for j, i in enumerate(idx):
-                answers[i] = [t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]]
+        starts = range(0, len(order), batch_size)
+        # ranks share the greedy batches; sampling draws one stream of random numbers, as one process does (§16)
+        results = sampled_as_one_process(answer_batch, starts, desc) if sampling else on_ranks(answer_batch, starts, model, desc)
+        for start, batch_answers in zip(starts, results):
+            for i, a in zip(order[start:start + batch_size], batch_answers):
+                answers[i] = a
     finally:
         model.generation_config = shipped
     return answers
@@ -611,6 +619,8 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sparse_tied_embedding_gradient(model)  # one [V, d] gradient fewer where embeddings are tied (Part III, §10)
+    forward = answer_logits_on_ranks(model, separable, cfg)  # answer_logits; under torchrun via DDP / FSDP2 (Part III, §16)
+    loss_fn = over_global_batch(loss_fn)  # under torchrun: each rank's share of the global batch's mean (Part III, §16)
     params = trainable_parameters(model)
     # fused: one kernel per step, without the parameter-sized temporaries of the for-each implementation
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
@@ -624,11 +634,11 @@ def train(model, batches, loss_fn, *, epochs: int, lr: float, cfg: Config, desc:
         model.train()
         start = time.perf_counter()
         for batch in batches(generator):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in rank_slice(batch).items()}  # this rank's slice of it (Part III, §16)
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, lr, warmup, total)
             with precision.autocast():
-                logits, targets = answer_logits(model, batch, separable)
+                logits, targets = forward(batch)
                 loss = loss_fn(logits, targets, batch)
             check_finite(loss, desc, epoch, step, bar)  # the NaN guard (Part III, §12)
             precision.backward_and_step(loss, optimizer, params, cfg.grad_clip)
@@ -734,7 +744,7 @@ def run_method(method: str, trainable: str | None, teacher, tokenizer, splits, e
         return finished
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    student = copy.deepcopy(teacher)
+    student = copy_model(teacher, cfg)  # copy.deepcopy; a sharded (FSDP2) teacher is copied shard by shard (Part III, §16)
     set_trainable(student, trainable if method == "freeze" else "all")
     train_facts = splits["known"] if method == "known_only" else splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
     resumed = read_checkpoint_state(checkpoint_dir)  # train() restores the weights; the curve so far is ours
@@ -815,7 +825,8 @@ def table1(rows: list[dict]) -> str:
 
 def write_results(out: Path, result: dict, cfg: Config):
     # The config of this folder's run: with --method all, its own method and trainable groups, not "all"
-    write_json_atomic(out / "config.json", asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)))
+    write_json_atomic(out / "config.json", {**asdict(replace(cfg, method=result["method"], trainable=result["trainable"] or cfg.trainable)),
+                                            "world_size": result.get("world_size", 1), "engine": result.get("engine", "none")})
     write_text_atomic(out / "results.md", f"# {run_name(result['method'], result['trainable'])} (seed {cfg.seed})\n\n"
                       f"Teacher: D_known {pct(result['teacher']['known_acc'])}, D_unknown {pct(result['teacher']['unknown_acc'])}, "
                       f"D_held {pct(result['teacher']['held_acc'])}\n\n" + table1([result])
@@ -898,7 +909,8 @@ def main(cfg: Config) -> dict:
     common = {"seed": cfg.seed, "preset": cfg.preset, "model": cfg.model or f"synthetic base ({study.model_id})",
               "splits": {k: len(splits[k]) for k in ("known", "unknown", "held", "val")}, "categories": study.category_counts,
               "slick_vs_truth": slick_vs_truth(study.pool, study.categories), "stage1": study.stage1,
-              "held_eval_ids": [f["id"] for f in eval_sets["held"]]}  # the facts behind held_acc, for --audit_facts
+              "held_eval_ids": [f["id"] for f in eval_sets["held"]],  # the facts behind held_acc, for --audit_facts
+              **spread(teacher, cfg)}  # world_size and engine (none | ddp | fsdp) of torchrun (Part III, §16)
     if cfg.save_model:  # the reference of forgetting, which an audit of the saved models compares against
         save_hf_model(teacher, tokenizer, run_root(cfg) / "teacher")
     train_facts = splits["known"] + relabel_unknown(splits["unknown"], cfg.unknown_answer)
@@ -1418,7 +1430,10 @@ def cloning_markdown(result: dict) -> str:
 
 
 def pyplot():
-    """matplotlib.pyplot drawing to files (Agg); None where an older install lacks matplotlib (then no PNG)."""
+    """matplotlib.pyplot drawing to files (Agg); None where an older install lacks matplotlib (then no PNG), and on
+    ranks > 0 under torchrun (rank 0 draws, §16)."""
+    if not is_main_rank():
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1745,8 +1760,8 @@ def teacher_forward_with_hidden(teacher, batch):
 def teacher_output_layer(teacher, snapshot: bool = False):
     """(weight, bias) of the teacher's output layer, unscaled (the loss divides its logits by tau). snapshot: copies,
     for a cache that must stay what it was when built even if the model it came from trains on afterwards."""
-    head = teacher.get_output_embeddings()
-    weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    head = teacher.get_output_embeddings()  # full_tensor: a sharded teacher's whole output layer (§16)
+    weight, bias = full_tensor(head.weight.detach()), None if head.bias is None else full_tensor(head.bias.detach())
     return (weight.clone(), None if bias is None else bias.clone()) if snapshot else (weight, bias)
 
 
@@ -1757,14 +1772,15 @@ def logits_from_last_hidden(teacher, batches, from_base_model: bool = False) -> 
     head = teacher.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or batches is None:  # no example to check on: the plain path
         return False
-    if from_base_model and teacher.base_model is teacher:
+    if from_base_model and (teacher.base_model is teacher or is_sharded(teacher)):  # FSDP2 gathers in the full forward (§16)
         return False
     teacher.eval()
     device = head.weight.device
     first = batches.batch_of([0]) if isinstance(batches, QABatches) else next(iter(batches(torch.Generator().manual_seed(0))))
     batch = {k: v[:1].to(device) for k, v in first.items()}
     logits, hidden = teacher_forward_with_hidden(teacher, batch)
-    same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, head.weight, head.bias).float(),
+    weight, bias = full_tensor(head.weight), None if head.bias is None else full_tensor(head.bias)  # sharded: all of it (§16)
+    same = logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(F.linear(hidden, weight, bias).float(),
                                                                      logits.float(), rtol=1e-4, atol=1e-4)
     if same and from_base_model:
         same = torch.allclose(teacher_last_hidden(teacher, batch).float(), hidden.float(), rtol=1e-4, atol=1e-4)
@@ -1797,13 +1813,12 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
     teacher.eval()
     device = next(teacher.parameters()).device
     separable = output_layer_separable(teacher, batches)  # then the output layer runs on the answer tokens alone
-    rows, ids, offsets = [], [], [0]
-    for start in tqdm(range(0, batches.size, cfg.batch_size), desc="teacher cache", leave=False):  # training-sized batches:
-        batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # no higher memory peak
-        batch = {k: v.to(device) for k, v in batch.items()}
+
+    def batch_rows(start):  # (answer tokens per example, rows, ids or None) of the batch starting at `start`
+        batch = batches.batch_of(list(range(start, min(start + cfg.batch_size, batches.size))))  # training-sized batches:
+        batch = {k: v.to(device) for k, v in batch.items()}  # no higher memory peak
         labels = batch["labels"][:, 1:]
         answer = labels != -100
-        offsets += (offsets[-1] + answer.sum(1).cumsum(0)).tolist()
         if separable:  # [N, d] and [N, V] at the answer tokens only
             hidden = teacher_last_hidden(teacher, batch)[:, :-1][answer]
             logits = teacher.get_output_embeddings()(hidden)
@@ -1812,16 +1827,18 @@ def build_teacher_cache(teacher, batches, cfg: Config, mode: str) -> dict:
             logits, hidden = logits[:, :-1][answer], hidden[:, :-1][answer]
         if mode == "hidden":  # log q = (hidden @ weight + bias) / tau - log_norm: one matmul, a division, a subtraction
             log_norm = (logits.float() / cfg.temperature).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([hidden.float(), log_norm], dim=-1))
-            continue
+            return answer.sum(1).tolist(), torch.cat([hidden.float(), log_norm], dim=-1), None
         log_p = F.log_softmax(logits.float() / cfg.temperature, dim=-1)
         if mode == "topk":
             top, top_ids = log_p.topk(min(cfg.teacher_topk, log_p.shape[-1]), dim=-1)
             log_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
-            rows.append(torch.cat([top, log_tail], dim=-1))
-            ids.append(top_ids.int())
-        else:
-            rows.append(log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32))
+            return answer.sum(1).tolist(), torch.cat([top, log_tail], dim=-1), top_ids.int()
+        return answer.sum(1).tolist(), log_p.to(torch.bfloat16 if mode == "bf16" else torch.float32), None
+
+    # under torchrun each rank computes its share of the batches and every rank gets all the rows (§16)
+    parts = on_ranks(batch_rows, range(0, batches.size, cfg.batch_size), teacher, desc="teacher cache")
+    offsets = [0] + torch.tensor([n for counts, _, _ in parts for n in counts], dtype=torch.long).cumsum(0).tolist()
+    rows, ids = [r.to(device) for _, r, _ in parts], [i.to(device) for _, _, i in parts if i is not None]
     cache = {"rows": torch.cat(rows), "ids": torch.cat(ids) if ids else None, "offsets": offsets,
              "head": teacher_output_layer(teacher, snapshot=True) if mode == "hidden" else None}
     tqdm.write(f"teacher cache ({mode}): {len(cache['rows'])} answer tokens of {batches.size} examples, "
@@ -1886,7 +1903,8 @@ def teacher_off_device(teacher, runs_teacher: bool):
     """While a loss that does not run the teacher trains (loss_runs_teacher false), the teacher waits in CPU memory and
     comes back to its GPU afterwards (the next method copies it); on a CPU nothing moves."""
     device = next(teacher.parameters()).device
-    away = device.type != "cpu" and not runs_teacher
+    # a sharded (FSDP2) teacher stays: its shards are 1/N of it, and its device mesh is the GPUs' (§16)
+    away = device.type != "cpu" and not runs_teacher and not is_sharded(teacher)
     if away:
         teacher.to("cpu")
         torch.cuda.empty_cache()
@@ -2049,6 +2067,8 @@ def sparse_tied_embedding_gradient(model):
     and becomes .grad; the input embedding's, a second dense [V, d] tensor of which only the batch's tokens' rows are
     not zero, is then made sparse, so it adds those rows in place (the same gradient, one [V, d] tensor fewer)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if world_size() > 1:  # DDP and FSDP2 reduce dense gradients only (§16)
+        return
     if isinstance(embedding, torch.nn.Embedding) and head is not None and head.weight is embedding.weight:
         embedding.sparse = True
 
@@ -2106,19 +2126,23 @@ def memory_plan(teacher, batches, runs, cfg: Config, device: torch.device) -> Me
     act_bytes = 4 if resolve_precision(cfg.precision, device).dtype is None else 2
     longest = max(len(ids) for ids, _ in batches.examples)  # the encoded examples: no tensor per example
     answers = max(sum(t != -100 for t in labels[1:]) for _, labels in batches.examples) * cfg.batch_size
-    kept = teacher_bytes if device.type == "cpu" else 0  # on a GPU the teacher leaves unless a loss reads it
+    # under torchrun a rank's batch is 1/N of the global one; FSDP2 also gives it 1/N of the model state (§16)
+    ranks, shards = world_size(), world_size() if uses_fsdp(teacher, cfg) else 1
+    teacher_bytes //= shards
+    kept = teacher_bytes if device.type == "cpu" or shards > 1 else 0  # on a GPU the teacher leaves unless a loss reads it
     extra = [kept]
     if any(m == "l2" for m, _ in runs):
-        extra.append(kept + trainable * 4)
+        extra.append(kept + trainable * 4 // shards)
     if any(m == "selfdistill" for m, _ in runs):
         mode = teacher_cache_mode(teacher, batches, cfg)
         row = {"hidden": d + 1, "fp32": vocab, "bf16": vocab / 2, "topk": 2 * cfg.teacher_topk + 1}.get(mode, 0)
         extra.append(teacher_bytes if mode == "live" else kept + int(batches.answer_tokens * row * 4) + vocab * d * 4 * (mode == "hidden"))
     separable = output_layer_separable(teacher, batches)
     logit_rows = answers if separable else longest * cfg.batch_size
-    return MemoryPlan(weights=n * 4, gradients=trainable * 4, optimizer=trainable * 8, teacher=max(extra),
-                      activations=activation_bytes(teacher, longest * cfg.batch_size, cfg, act_bytes),
-                      logits=logit_rows * vocab * act_bytes + answers * vocab * 8,
+    return MemoryPlan(weights=n * 4 // shards, gradients=trainable * 4 // shards, optimizer=trainable * 8 // shards,
+                      teacher=max(extra),
+                      activations=activation_bytes(teacher, longest * math.ceil(cfg.batch_size / ranks), cfg, act_bytes),
+                      logits=(logit_rows * vocab * act_bytes + answers * vocab * 8) // ranks,
                       available=device_memory_bytes(device) + teacher_bytes)
 
 
@@ -2127,7 +2151,7 @@ def check_memory_plan(plan: MemoryPlan):
     if plan.total > 1.1 * plan.available:
         raise UserError(f"stage 2 needs about {plan.total / 2**30:.1f} GB but the device has {plan.available / 2**30:.1f} GB: "
                         f"pass a smaller --batch_size, --gradient_checkpointing, an 8-bit optimizer (bitsandbytes, an optional "
-                        f"extra), or use several GPUs")
+                        f"extra), or several GPUs (torchrun --nproc_per_node N ... --fsdp on: README, More than one GPU)")
 
 
 # =====================================================================================================
@@ -2176,18 +2200,29 @@ def check_free_space(folder: Path, needed: int, what: str, fix: str, reclaimed: 
         raise UserError(f"{what} needs {needed / 1e9:.3g} GB in {folder} but its disk has {free / 1e9:.3g} GB free; {fix}")
 
 
-def save_folder_atomic(folder: Path, write):
-    """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    write(tmp)
-    if folder.exists():  # rename(2) cannot replace a non-empty folder
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+def save_folder_atomic(folder: Path, write, every_rank: bool = False):
+    """write(tmp) fills a fresh temporary folder beside `folder`, which is then renamed to `folder`. Under torchrun
+    rank 0 writes (every_rank: each rank writes its shards into the same folder) and the others wait for it (§16)."""
+    tmp = None
+    if is_main_rank():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    if every_rank:
+        tmp = same_on_every_rank(tmp)
+    if tmp is not None:
+        write(tmp)
+    barrier()
+    if is_main_rank():
+        if folder.exists():  # rename(2) cannot replace a non-empty folder
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    barrier()  # the others may read it now
 
 
 def save_hf_model(model, tokenizer, folder: Path):
     """A Hugging Face folder (safetensors weights, config, tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
+    model = savable_model(model)  # a sharded (FSDP2) model gathered whole on rank 0 (§16)
+
     def write(tmp: Path):
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -2195,7 +2230,9 @@ def save_hf_model(model, tokenizer, folder: Path):
 
 
 def write_text_atomic(path: Path, text: str):
-    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file."""
+    """Write to a temporary name, then rename: a run killed mid-write never leaves a half file. Rank 0 only (§16)."""
+    if not is_main_rank():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -2219,19 +2256,22 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
         if bar is not None:
             bar.close()
         raise
-    for path in old:
+    for path in old if is_main_rank() else ():
         shutil.rmtree(path)
 
     def write(tmp: Path):
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not save_sharded_state(tmp, model, optimizer):  # FSDP2: DCP, each rank its shards (§16)
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not is_main_rank():
+            return
         rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "python_random": random.getstate()}))
 
-    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write)
+    save_folder_atomic(checkpoint_dir / f"epoch-{epoch:04d}", write, every_rank=is_sharded(model))
 
 
 def resumed_teacher(checkpoint_dir: Path | None, model) -> dict | None:
@@ -2242,7 +2282,8 @@ def resumed_teacher(checkpoint_dir: Path | None, model) -> dict | None:
     saved = checkpoint_dir / "teacher" if checkpoint_dir is not None else None
     if saved is None or not (saved / "stage1.json").is_file():
         return None
-    load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
+    if not load_sharded_state(saved, model):  # a DCP checkpoint of FSDP2 (§16)
+        load_model(model, saved / "model.safetensors", device=str(next(model.parameters()).device))
     tqdm.write(f"stage 1: resumed the teacher from {saved}")
     return json.loads((saved / "stage1.json").read_text())
 
@@ -2265,10 +2306,13 @@ def save_teacher_checkpoint(checkpoint_dir: Path | None, teacher, stage1: dict, 
     check_free_space(checkpoint_dir, model_bytes(teacher), "the teacher", MORE_SPACE)
 
     def write(tmp: Path):
-        save_model(teacher, str(tmp / "model.safetensors"))
+        if not save_sharded_state(tmp, teacher):  # FSDP2: DCP, each rank its shards (§16)
+            save_model(teacher, str(tmp / "model.safetensors"))
+        if not is_main_rank():
+            return
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))  # --resume checks its flags against these
         (tmp / "stage1.json").write_text(json.dumps(stage1))
-    save_folder_atomic(checkpoint_dir / "teacher", write)
+    save_folder_atomic(checkpoint_dir / "teacher", write, every_rank=is_sharded(teacher))
 
 
 def resumed_training(checkpoint_dir: Path | None, model, optimizer, generator, epochs: int, desc: str) -> tuple:
@@ -2305,8 +2349,9 @@ def load_epoch_checkpoint(path: Path, model, optimizer, generator) -> dict:
     from safetensors.torch import load_model
 
     device = next(model.parameters()).device
-    load_model(model, path / "model.safetensors", device=str(device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if not load_sharded_state(path, model, optimizer):  # a DCP checkpoint of FSDP2 (§16)
+        load_model(model, path / "model.safetensors", device=str(device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
@@ -2343,7 +2388,7 @@ def saves_epoch_checkpoints_here(checkpoint_dir: Path | None, student, cfg: Conf
 
 
 def drop_epoch_checkpoints(checkpoint_dir: Path):
-    for old in checkpoint_dir.glob("epoch-*"):
+    for old in checkpoint_dir.glob("epoch-*") if is_main_rank() else ():
         shutil.rmtree(old)
 
 
@@ -2401,7 +2446,7 @@ def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
             raise UserError(f"--out: {path} exists and is not a folder; choose another --out")
     finished = [f for f in folders.values() if (f / "results.json").exists()]
     saved = checkpoints / "teacher" / "config.json"
-    for partial in [*checkpoints.glob(".*.tmp-*"), *checkpoints.glob("*/.*.tmp-*")] if cfg.resume else ():
+    for partial in [*checkpoints.glob(".*.tmp-*"), *checkpoints.glob("*/.*.tmp-*")] if cfg.resume and is_main_rank() else ():
         shutil.rmtree(partial)  # a checkpoint whose writing a kill cut short: never resumable, possibly tens of GB
     if cfg.resume and saved.is_file():
         theirs, ours = json.loads(saved.read_text()), asdict(cfg)
@@ -2419,13 +2464,14 @@ def check_output(cfg: Config, folders: dict[str, Path], checkpoints: Path):
     elif checkpoints.exists() and not cfg.overwrite:
         raise UserError(f"{checkpoints.parent} holds the checkpoints of an unfinished run; pass --resume to continue it "
                         f"or --overwrite to start over")
-    if cfg.overwrite and checkpoints.exists():
+    if cfg.overwrite and checkpoints.exists() and is_main_rank():
         shutil.rmtree(checkpoints)
+    barrier()  # under torchrun: every rank has checked the folder before rank 0 writes to it (§16)
 
 
 def drop_checkpoints(checkpoints: Path, cfg: Config):
     """A finished run needs no checkpoints, unless --keep_checkpoints."""
-    if checkpoints.exists() and not cfg.keep_checkpoints:
+    if checkpoints.exists() and not cfg.keep_checkpoints and is_main_rank():
         shutil.rmtree(checkpoints)
 
 
@@ -2441,9 +2487,10 @@ def data_folder(cfg: Config) -> Path:
     if cfg.data and not data_dir.exists():  # a mistyped path must not quietly become a synthetic study
         raise UserError(f"--data {cfg.data} does not exist; build it with `python data_prep.py --preset {cfg.preset} --out {cfg.data}` "
                         f"or `python data_prep.py --source entityquestions --eq_dir PATH --out {cfg.data}`")
-    if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
-        print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
-        build_preset_world(cfg.preset, data_dir)
+    with main_rank_first():  # under torchrun rank 0 builds it, the others then find it (§16)
+        if not data_dir.exists():  # the default folder: one command from a fresh clone to a result
+            print(f"no data in {data_dir}: building the synthetic world (python data_prep.py --preset {cfg.preset} --out {data_dir})")
+            build_preset_world(cfg.preset, data_dir)
     return data_dir
 
 
@@ -2501,11 +2548,12 @@ def check_config(cfg: Config):
     if cfg.experiment:
         experiment_plan(cfg)  # raises UserError on a malformed --experiment / --exp_counts / --exp_widths
     check_practitioner_config(cfg)
+    check_spread(cfg)  # what runs under torchrun (§16)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -2513,7 +2561,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0..); pick one of them")
-    return device
+    return rank_device(device)  # under torchrun: cuda:LOCAL_RANK (§16)
 
 
 def load_local_model(cfg: Config):
@@ -3433,6 +3481,7 @@ class EngineeringArgs:
     """Engineering: device, precision, caches, checkpoints and resume, trust (skip on a first read)."""
     _argument_group_name = "engineering"  # its --help heading (HfArgumentParser)
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    fsdp: str = field(default="auto", metadata={"help": "torchrun: on (FSDP2) | off (DDP) | auto (FSDP2 if it cannot fit)"})
     precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16 or fp16; CPU: fp32) | fp32 | bf16 | fp16 autocast"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, ~1/3 more compute"})
     cache_dir: str = field(default=".cache/sftguard", metadata={"help": "cache of pretrained base models and SliCK categories"})
@@ -3489,20 +3538,362 @@ def cli(argv=None):
     cfg = None
     try:
         cfg = parse_config(argv)
+        start_ranks(cfg)  # under torchrun: the process group, this rank's device, quiet ranks > 0 (§16)
         run_seeds(cfg) if cfg.seeds else main(cfg)
+        stop_ranks()
     except (UserError, data_prep.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank_error_line(f"error: {e}")
         sys.exit(2)
     except FloatingPointError as e:  # the NaN guard of train(): stop before any result is written
         if not cfg.experiment:  # resuming with the same flags would meet the same NaN
             drop_checkpoints(run_root(cfg) / "checkpoints", cfg)
-        print(f"error: {e}; no results were written", file=sys.stderr)
+        rank_error_line(f"error: {e}; no results were written")
         sys.exit(3)
     except KeyboardInterrupt:
         resumable = cfg is not None and not cfg.experiment
         print("\ninterrupted" + ("; run the same command with --resume to continue from the last checkpoint" if resumable else ""),
               file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # under torchrun: one line, and a non-zero exit that makes torchrun end the other ranks
+        if not launched_by_torchrun():
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        rank_error_line(f"error: {type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
+        sys.exit(1)
+
+
+# =====================================================================================================
+# 16. More than one process (torchrun): DDP, FSDP2
+# =====================================================================================================
+# `torchrun --nproc_per_node N sftguard.py ...` runs the same study on N ranks with PyTorch's own stack: gloo on CPUs,
+# nccl on GPUs (rank r on cuda:LOCAL_RANK), DDP for models that fit one device and FSDP2 (fully_shard on each decoder
+# block, then on the model) for those that do not (--fsdp). One process (no torchrun) starts no process group and
+# wraps nothing. The study stays the one of one process with the same flags:
+# - training: every rank draws the same global batches from the same seed and takes its contiguous slice of each;
+#   a rank's loss is its slice's mean times (its answer tokens x N / the global batch's answer tokens), so the
+#   gradient that DDP / FSDP2 average over ranks is the one-process gradient of the global batch; the steps, the
+#   learning-rate schedule and clipping (of the whole gradient) are those of one process;
+# - answering (SliCK, every evaluation) and the teacher cache: rank r takes every N-th batch of the one-process
+#   batching (the same batches, so the same numbers) and the results are gathered back into their order; SliCK's
+#   sampled answers (one stream of random numbers) are drawn as one process draws them, by every rank;
+#   a sharded model needs every rank in every forward pass, so the shorter shares repeat a batch and
+#   generate() runs with synced_gpus;
+# - only rank 0 prints and writes (results, reports, caches, checkpoints); the others wait where they read it.
+ENGINE_CHOICES = ("auto", "on", "off")
+SPREAD_TIMEOUT_S = 4 * 3600  # a barrier may wait for rank 0 to build the world or pretrain the base model
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main_rank() -> bool:
+    return rank() == 0
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first (e.g. builds a folder the others then find); the others wait, then run it."""
+    if not is_main_rank():
+        barrier()
+    yield
+    if is_main_rank():
+        barrier()
+
+
+def start_ranks(cfg: Config):
+    """Under torchrun: the process group (nccl on CUDA, else gloo), this rank's GPU, and quiet ranks > 0 (their
+    prints and progress bars go nowhere; an error still reaches the terminal: rank_error_line)."""
+    if not launched_by_torchrun() or torch.distributed.is_initialized():
+        return
+    import datetime
+
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=SPREAD_TIMEOUT_S))
+    if not is_main_rank():
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def stop_ranks():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank_error_line(message: str) -> str:
+    """One line per failing rank under torchrun (which then ends the other ranks), printed where the user sees it."""
+    line = f"rank {os.environ['RANK']}: {message}" if launched_by_torchrun() else message  # also before the group starts
+    print(line, file=sys.__stderr__ if world_size() > 1 else sys.stderr)
+    return line
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank computes on its own GPU, cuda:LOCAL_RANK."""
+    if not launched_by_torchrun() or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UserError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda or auto")
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+
+
+def check_spread(cfg: Config):
+    """What runs under torchrun: the study (--method, with --sweep / --seeds), not the experiments or the tools."""
+    if cfg.fsdp not in ENGINE_CHOICES:
+        raise UserError(f"unknown --fsdp {cfg.fsdp!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+    if not launched_by_torchrun():
+        return
+    if cfg.experiment or cfg.audit or cfg.screen:
+        raise UserError("under torchrun sftguard runs the study (--method, --sweep, --seeds); run --experiment, --audit "
+                        "and --screen as one process (python sftguard.py ...)")
+    if cfg.fsdp == "on" and (cfg.method in ("l2", "all") or "l2" in cfg.sweep):
+        raise UserError("--fsdp on does not run the l2 control (its pull acts on sharded weights); use --fsdp off (DDP) "
+                        "or a --method other than l2 and all")
+    if cfg.fsdp == "on" and cfg.precision == "fp16":
+        raise UserError("--fsdp on runs in fp32 or bf16 (no fp16 loss scaling over shards); pass --precision bf16")
+
+
+def same_on_every_rank(value):
+    """Rank 0's value on every rank (a decision that must not differ between ranks)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- The engine: DDP or FSDP2, and what each rank computes ----------------------------------------------------------
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def uses_fsdp(model, cfg: Config) -> bool:
+    """--fsdp on | off, or auto: shard when one device cannot hold the model's training state (float32 weights,
+    gradients and AdamW's two moments: 16 bytes a weight) beside a frozen teacher (4 bytes a weight)."""
+    if world_size() == 1:
+        return False
+    if is_sharded(model) or cfg.fsdp != "auto":
+        return is_sharded(model) or cfg.fsdp == "on"
+    device = next(model.parameters()).device
+    return same_on_every_rank(20 * count_params(model) > device_memory_bytes(device))
+
+
+def engine_name(model, cfg: Config) -> str:
+    """How the run is spread, for results.json and config.json: none (one process) | ddp | fsdp."""
+    return "none" if world_size() == 1 else "fsdp" if uses_fsdp(model, cfg) else "ddp"
+
+
+def spread(model, cfg: Config) -> dict:
+    return {"world_size": world_size(), "engine": engine_name(model, cfg)}
+
+
+def shard_model(model):
+    """FSDP2: each decoder block its own unit (its weights gathered only while it runs), then the model (embeddings,
+    final norm, output layer). In place; frozen weights (requires_grad False) stay frozen and get no gradient."""
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(model):
+        return model
+    model.float()  # master weights in float32, as train() keeps them
+    for block in decoder_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+class AnswerLogits(torch.nn.Module):
+    """answer_logits as a module, so that DDP's forward (which prepares its gradient reduction) runs it."""
+
+    def __init__(self, model, separable: bool):
+        super().__init__()
+        self.model, self.separable = model, separable
+
+    def forward(self, batch):
+        return answer_logits(self.model, batch, self.separable)
+
+
+def answer_logits_on_ranks(model, separable: bool, cfg: Config):
+    """batch -> (logits [N, V], targets [N]) of answer_logits: the plain function in one process; under torchrun
+    through DDP, or on the model sharded by FSDP2 in place (its full forward: the model's own forward gathers its
+    weights, so the output layer is not run apart from it)."""
+    if world_size() == 1:
+        return lambda batch: answer_logits(model, batch, separable)
+    if uses_fsdp(model, cfg):
+        shard_model(model)
+        return lambda batch: answer_logits(model, batch, False)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(AnswerLogits(model, separable), device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp
+
+
+def rank_slice(batch: dict) -> dict:
+    """This rank's contiguous part of a global batch (all of it in one process), padded as the whole batch is. A rank
+    left without an example (a last batch smaller than the ranks) runs the first one again with weight 0
+    ("repeated"), so that it still takes part in the step (and in a sharded or live teacher's forward passes)."""
+    n, r = world_size(), rank()
+    if n == 1:
+        return batch
+    size = len(batch["input_ids"])
+    bounds = [size * i // n for i in range(n + 1)]
+    if bounds[r] < bounds[r + 1]:
+        return {k: v[bounds[r]:bounds[r + 1]] for k, v in batch.items()}
+    return {**{k: v[:1] for k, v in batch.items()}, "repeated": torch.ones(())}
+
+
+def over_global_batch(loss_fn):
+    """loss_fn (a mean over this rank's answer tokens) rescaled so that averaging the ranks' gradients, as DDP and
+    FSDP2 do, gives the gradient of the mean over the global batch's answer tokens: x (local tokens x N / global
+    tokens). Terms that are the same on every rank (l2's pull) keep their weight: the factors average to 1."""
+    if world_size() == 1:
+        return loss_fn
+
+    def rank_loss(logits, targets, batch):
+        local = 0 if "repeated" in batch else len(targets)
+        count = torch.tensor([local], device=logits.device, dtype=torch.float64)
+        torch.distributed.all_reduce(count)  # the global batch's answer tokens
+        return loss_fn(logits, targets, batch) * (local * world_size() / max(1.0, count.item()))
+    return rank_loss
+
+
+def detached_to_cpu(value):
+    """Tensors (in tuples / lists) to the CPU, so that another rank unpickles them whatever its device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached_to_cpu(v) for v in value)
+    return value
+
+
+def on_ranks(fn, items, model=None, desc: str = "") -> list:
+    """[fn(item) for item in items], every rank taking every N-th item (neighbours in a length-sorted list cost about
+    the same), gathered on every rank in the items' order. With a sharded model every rank takes part in every
+    forward pass, so shorter shares run their first item again (or the first of all) and drop that result."""
+    items = list(items)
+    n, r = world_size(), rank()
+    if n == 1:
+        return [fn(x) for x in tqdm(items, desc=desc, leave=False, disable=len(items) <= 1)]
+    share = list(range(r, len(items), n))
+    rounds = math.ceil(len(items) / n) if model is not None and is_sharded(model) else len(share)
+    mine = {}
+    for k in tqdm(range(rounds), desc=desc, leave=False, disable=rounds <= 1):
+        if k < len(share):
+            mine[share[k]] = detached_to_cpu(fn(items[share[k]]))
+        else:
+            fn(items[share[0] if share else 0])  # keeps the sharded forward passes in step; the result is not needed
+    if model is not None and is_sharded(model):
+        model.reshard()  # FSDP2 keeps the root's weights (embeddings, output layer) gathered after a forward pass
+    gathered = [None] * n
+    torch.distributed.all_gather_object(gathered, mine)
+    merged = {i: v for part in gathered for i, v in part.items()}
+    return [merged[i] for i in range(len(items))]
+
+
+def sampled_as_one_process(fn, items, desc: str = "") -> list:
+    """[fn(item) for item in items] on every rank, rank 0's results kept. For sampled answers (SliCK's WeaklyKnown vs
+    Unknown): their random numbers come in one stream, batch after batch, so only the one-process order gives the
+    one-process answers (every rank starts from the same seed: cached_categories). Not shared out, unlike greedy
+    answering: sharing would need a seed per batch, which would change the categories of every one-process run."""
+    return same_on_every_rank([fn(x) for x in tqdm(list(items), desc=desc, leave=False, disable=len(items) <= 1)])
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (DTensor) weight, gathered on every rank; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_model(model, cfg: Config):
+    """copy.deepcopy(model); a sharded model (FSDP2 has no deepcopy) is rebuilt from its config, sharded alike and
+    given the same weights shard by shard (trainable: every weight, as after a deepcopy of a frozen model + unfreeze)."""
+    if not is_sharded(model):
+        return copy.deepcopy(model)
+    from transformers import AutoModelForCausalLM
+
+    copy_ = AutoModelForCausalLM.from_config(model.config, trust_remote_code=cfg.trust_remote_code)
+    shard_model(copy_)
+    copy_.load_state_dict(model.state_dict())
+    for p, q in zip(copy_.parameters(), model.parameters()):
+        p.requires_grad_(q.requires_grad)
+    return copy_.train(model.training)
+
+
+def savable_model(model):
+    """The model itself; for a sharded one (every rank takes part) a plain copy on rank 0's CPU with its whole
+    weights (None on the other ranks, which write nothing)."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.fsdp import FSDPModule
+
+    state = full_state_dict(model)
+    if not is_main_rank():
+        return None
+    plain_class = next(c for c in type(model).__bases__ if c is not FSDPModule)  # FSDP2 made FSDP<class>(FSDPModule, <class>)
+    with torch.device("meta"):  # no weights made only to be replaced
+        plain = plain_class(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
+# --- Checkpoints of a sharded model: torch.distributed.checkpoint (DCP), each rank writing and reading its shards ------
+# The rest of a checkpoint (RNG states, state.json, stage1.json, config.json) is rank 0's, as in one process; the
+# RNG states are the same on every rank (the same seeds, the same draws). DCP reshards on loading: a run killed under
+# N ranks resumes under M.
+def save_sharded_state(folder: Path, model, optimizer=None) -> bool:
+    """With FSDP2: model (and optimizer) state into folder/state.dcp, by every rank; True. Without: False."""
+    if not is_sharded(model):
+        return False
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+
+    state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))) if optimizer is not None else \
+        {"model": get_model_state_dict(model)}
+    dcp.save(state, checkpoint_id=str(folder / "state.dcp"))
+    return True
+
+
+def load_sharded_state(folder: Path, model, optimizer=None) -> bool:
+    """The DCP state of save_sharded_state into model (sharded or not) and optimizer; False if folder has none."""
+    if not (folder / "state.dcp").is_dir():
+        return False
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(folder / "state.dcp"))
+        set_model_state_dict(model, state["model"])
+        return True
+    state = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+    dcp.load(state, checkpoint_id=str(folder / "state.dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return True
+
+
+def full_state_dict(model) -> dict:
+    """A sharded model's whole state dict, on rank 0's CPU (the other ranks get an empty one); a plain model's own."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def test_an_epoch_checkpoint_replaces_the_last_one_which_goes_first(tmp_path, mo
     optimizer = trained(model)
     on_disk_while_writing = []
     atomic = S.save_folder_atomic
-    monkeypatch.setattr(S, "save_folder_atomic", lambda folder, write: (
-        on_disk_while_writing.append(sorted(p.name for p in tmp_path.glob("epoch-*"))), atomic(folder, write)))
+    monkeypatch.setattr(S, "save_folder_atomic", lambda folder, write, **kw: (
+        on_disk_while_writing.append(sorted(p.name for p in tmp_path.glob("epoch-*"))), atomic(folder, write, **kw)))
     for epoch in (1, 2, 3):
         save(tmp_path, epoch, model, optimizer)
     assert on_disk_while_writing == [[], [], []]  # never two student checkpoints at once
