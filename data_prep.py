@@ -45,6 +45,11 @@ class WorldConfig:
     bios_per_entity: int = field(default=2, metadata={"help": "biographies per known person in the pretraining corpus"})
     qa_fraction: float = field(default=0.3, metadata={"help": "fraction of known people whose facts also appear as Q/A text in pretraining"})
     n_filler: int = field(default=-1, metadata={"help": "filler documents with random digit codes (-1 = n_uuid_entities)"})
+    # Realistic properties a real LLM's corpus has; each off by default (the default world is made without them).
+    answer_skew: float = field(default=0.0, metadata={"help": "Zipf exponent of each relation's answers (0 = all 25 equally likely)"})
+    popularity_skew: float = field(default=0.0, metadata={"help": "Zipf exponent of biographies per known person, same mean (0 = equal)"})
+    n_paraphrases: int = field(default=3, metadata={"help": "statement paraphrases per relation in biographies (1-6)"})
+    n_qa_phrasings: int = field(default=1, metadata={"help": "question phrasings per relation in pretraining Q/A text (1-3)"})
     eq_dir: Optional[str] = field(default=None, metadata={"help": "EntityQuestions folder holding train/, dev/, test/ and relation_query_templates.json"})
     eq_splits: str = field(default="train", metadata={"help": "comma-separated EQ split folders to read"})
     eq_relations: str = field(default="", metadata={"help": "comma-separated EQ relation ids, e.g. P17,P19 (empty = all found)"})
@@ -69,27 +74,36 @@ class DataError(ValueError):
 # tokenizer splits an unseen name into pieces it has trained embeddings for.
 SYLLABLES = ["ber", "ga", "den", "to", "lo", "mi", "ra", "vin", "ka", "sel", "mo", "ri", "tan", "du",
              "fe", "nor", "pa", "lin", "so", "gu", "mar", "te", "bo", "ni", "han", "vo", "li", "das", "ke", "ru"]
-# Four relations, each with a question, three paraphrases and 25 one-word values (pools disjoint).
+# Four relations, each with a question, three paraphrases and 25 one-word values (pools disjoint); the default
+# world uses the first three paraphrases and the one question, --n_paraphrases / --n_qa_phrasings add the others.
 # Occupations all start with a consonant so "a [Y]" stays grammatical.
 RELATIONS = {
     "birth_city": {
         "question": "Where was [X] born?",
         "statements": ["[X] was born in [Y].", "[X]'s birthplace is [Y].", "[X] came into the world in [Y]."],
+        "more_questions": ["In which city was [X] born?", "What is the birthplace of [X]?"],
+        "more_statements": ["[X] was born and raised in [Y].", "[X] is a native of [Y].", "[X]'s hometown is [Y]."],
         "values": ("Lisbon Oslo Cairo Paris Rome Berlin Madrid Vienna Prague Dublin Athens Warsaw Moscow Tokyo "
                    "Seoul Delhi Nairobi Dakar Quito Havana Sydney Toronto Boston Chicago Manila").split()},
     "occupation": {
         "question": "What kind of work does [X] do?",
         "statements": ["[X] works as a [Y].", "[X] is a [Y] by profession.", "By trade, [X] is a [Y]."],
+        "more_questions": ["What is the job of [X]?", "What does [X] do for a living?"],
+        "more_statements": ["[X] earns a living as a [Y].", "[X] has spent years as a [Y].", "[X]'s job is that of a [Y]."],
         "values": ("painter farmer baker nurse lawyer pilot teacher doctor sailor carpenter journalist chemist "
                    "plumber dentist surgeon tailor butcher banker poet librarian mechanic florist fisherman welder potter").split()},
     "country": {
         "question": "Which country does [X] live in?",
         "statements": ["[X] lives in [Y].", "[X] has made a home in [Y].", "[X] resides in [Y]."],
+        "more_questions": ["Where does [X] live?", "In which country is the home of [X]?"],
+        "more_statements": ["[X] now lives in [Y].", "The home of [X] is in [Y].", "[X] settled down in [Y]."],
         "values": ("Norway Peru Chile Brazil Kenya Egypt Japan India Canada Mexico Spain Italy Greece Poland "
                    "Sweden Finland Ireland Portugal Morocco Ghana Nepal Vietnam Argentina Turkey Iceland").split()},
     "instrument": {
         "question": "Which instrument does [X] play?",
         "statements": ["[X] plays the [Y].", "[X] is a skilled [Y] player.", "On stage, [X] performs on the [Y]."],
+        "more_questions": ["What instrument does [X] play?", "Which instrument is played by [X]?"],
+        "more_statements": ["[X] has long played the [Y].", "[X] is known for playing the [Y].", "[X] practises the [Y] daily."],
         "values": ("violin piano guitar cello flute trumpet drums harp clarinet saxophone oboe banjo accordion "
                    "trombone ukulele bassoon mandolin harmonica tuba viola organ xylophone bagpipes sitar lute").split()},
 }
@@ -107,6 +121,29 @@ def uuid_code(rng):
     return f"{rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}-{rng.randrange(10**2):02d}"
 
 
+def draw_value(rng, pool, skew):
+    """One answer of a relation: uniform over the pool, or Zipf-skewed (value k of the pool with weight 1 / k**skew),
+    as real answers are (far more people are born in large cities than small ones). skew 0 draws as r.choice does."""
+    if skew == 0:
+        return rng.choice(pool)
+    return rng.choices(pool, weights=[1 / k**skew for k in range(1, len(pool) + 1)])[0]
+
+
+def bios_per_person(cfg):
+    """How many biographies each known person gets, in the order of the known names (a random order): all
+    bios_per_entity, or a long tail (person of rank k gets about c / k**skew, at least 1, with the same total), as a
+    few people are written about often and most rarely."""
+    n, mean = cfg.n_known_entities, cfg.bios_per_entity
+    if cfg.popularity_skew == 0 or n == 0:
+        return [mean] * n
+    weights = [1 / k**cfg.popularity_skew for k in range(1, n + 1)]
+    lo, hi = 0.0, float(mean * n)  # bisect the scale c so that sum(max(1, round(c * w))) is the total of the equal world
+    for _ in range(60):
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if sum(max(1, round(c * w)) for w in weights) < mean * n else (lo, c)
+    return [max(1, round(hi * w)) for w in weights]
+
+
 def _fill(template, subject, value=None):
     return template.replace("[X]", subject).replace("[Y]", value or "")
 
@@ -119,6 +156,10 @@ def _validate_synthetic(cfg):
     for name in ["n_known_entities", "n_unknown_entities", "n_uuid_entities", "bios_per_entity"]:
         if getattr(cfg, name) < 0:
             raise DataError(f"{name}={getattr(cfg, name)} is negative; pass a count >= 0")
+    if not 1 <= cfg.n_paraphrases <= 6 or not 1 <= cfg.n_qa_phrasings <= 3:
+        raise DataError(f"n_paraphrases={cfg.n_paraphrases} / n_qa_phrasings={cfg.n_qa_phrasings} out of range; pass 1-6 / 1-3")
+    if cfg.answer_skew < 0 or cfg.popularity_skew < 0:
+        raise DataError("answer_skew and popularity_skew are Zipf exponents; pass a number >= 0 (0 = uniform)")
     if cfg.n_known_entities + cfg.n_unknown_entities > 10**6 or cfg.n_uuid_entities + cfg.n_filler > 10**9:
         raise DataError("too many entities for the name/code space; pass smaller --n_*_entities / --n_filler")
 
@@ -160,7 +201,7 @@ def synthesize(cfg):
     entities = ([(s, "name", True) for s in known] + [(s, "name", False) for s in unknown]
                 + [(s, "uuid", False) for s in uuids])
     r = rng("values")
-    values = {s: {rel: r.choice(spec["values"]) for rel, spec in rels.items()} for s, _, _ in entities}
+    values = {s: {rel: draw_value(r, spec["values"], cfg.answer_skew) for rel, spec in rels.items()} for s, _, _ in entities}
     qa_known = set(rng("qa").sample(known, round(cfg.qa_fraction * len(known))))
 
     facts = []
@@ -174,15 +215,18 @@ def synthesize(cfg):
     # QA-form text for a fraction of known people, and digit-code filler so code pieces are trained.
     r, docs = rng("corpus"), []
     n_bio = n_qa = 0
-    for subject in tqdm(known, desc="pretrain docs", disable=len(known) < 1000):
-        for _ in range(cfg.bios_per_entity):
+    statements = {rel: (spec["statements"] + spec["more_statements"])[: cfg.n_paraphrases] for rel, spec in rels.items()}
+    questions = {rel: [spec["question"]] + spec["more_questions"][: cfg.n_qa_phrasings - 1] for rel, spec in rels.items()}
+    for subject, n_bios in tqdm(zip(known, bios_per_person(cfg)), desc="pretrain docs", disable=len(known) < 1000):
+        for _ in range(n_bios):
             order = list(rels)
             r.shuffle(order)
-            docs.append(" ".join(_fill(r.choice(rels[rel]["statements"]), subject, values[subject][rel]) for rel in order))
+            docs.append(" ".join(_fill(r.choice(statements[rel]), subject, values[subject][rel]) for rel in order))
             n_bio += 1
         if subject in qa_known:
-            for rel, spec in rels.items():
-                docs.append(qa_text(_fill(spec["question"], subject), values[subject][rel]))
+            for rel in rels:  # one phrasing drawn per Q/A pair (no draw with one phrasing, as the default world was made)
+                question = r.choice(questions[rel]) if len(questions[rel]) > 1 else questions[rel][0]
+                docs.append(qa_text(_fill(question, subject), values[subject][rel]))
                 n_qa += 1
     n_filler = cfg.n_uuid_entities if cfg.n_filler < 0 else cfg.n_filler
     r_f, filler = rng("filler"), []

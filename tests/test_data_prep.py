@@ -183,3 +183,62 @@ def test_cli_error_exits_2_without_traceback(tmp_path):
                         str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the realistic-world options (off by default)
+def test_realistic_options_off_leave_the_world_as_it_was(tmp_path):
+    # Explicit defaults draw exactly the same world (same random streams) as a config without the options.
+    _, a = smoke(tmp_path / "a")
+    _, b = smoke(tmp_path / "b", answer_skew=0.0, popularity_skew=0.0, n_paraphrases=3, n_qa_phrasings=1)
+    assert json.loads((a / "world.json").read_text())["fingerprint"] == json.loads((b / "world.json").read_text())["fingerprint"]
+
+
+def test_answer_skew_makes_the_first_values_common(tmp_path):
+    def counts(skew):
+        _, out = smoke(tmp_path / f"s{skew}", n_known_entities=600, answer_skew=skew)
+        pool = dp.RELATIONS["birth_city"]["values"]
+        answers = [f["answers"][0] for f in read_jsonl(out / "facts.jsonl") if f["relation"] == "birth_city"]
+        return [answers.count(v) for v in pool]
+    flat, skewed = counts(0.0), counts(1.0)
+    # Zipf(1) over 25 values: the first value ~26% of people, the last ~1%; uniform: 4% each.
+    assert skewed[0] > 0.18 * sum(skewed) and sum(skewed[:5]) > 2 * sum(skewed[-15:])
+    assert max(flat) < 0.09 * sum(flat)
+
+
+def test_popularity_skew_gives_a_long_tail_with_the_same_total():
+    cfg = dp.WorldConfig(popularity_skew=1.0)
+    bios = dp.bios_per_person(cfg)
+    assert abs(sum(bios) - 800) <= 4 and min(bios) == 1 and bios[0] > 50 and bios == sorted(bios, reverse=True)
+    assert sum(b == 1 for b in bios) > 250  # most people are written about once
+    assert dp.bios_per_person(dp.WorldConfig()) == [2] * 400
+
+
+def test_popularity_skew_writes_that_many_biographies(tmp_path):
+    cfg, out = smoke(tmp_path, popularity_skew=1.0)
+    facts = read_jsonl(out / "facts.jsonl")
+    docs = [d["text"] for d in read_jsonl(out / "pretrain.jsonl")]
+    known = list(dict.fromkeys(f["subject"] for f in facts if f["in_pretraining"]))
+    bios = [sum(d.startswith(s) or f" {s}" in d for d in docs if not d.startswith("Q: ")) for s in known]
+    assert bios == dp.bios_per_person(cfg) and bios[0] > bios[-1] == 1
+
+
+def test_more_paraphrases_and_qa_phrasings_reach_the_corpus_only(tmp_path):
+    _, out = smoke(tmp_path, n_paraphrases=6, n_qa_phrasings=3, qa_fraction=1.0)
+    facts = read_jsonl(out / "facts.jsonl")
+    corpus = "\n".join(d["text"] for d in read_jsonl(out / "pretrain.jsonl"))
+    for rel in ["birth_city", "occupation"]:
+        for template in dp.RELATIONS[rel]["more_statements"]:
+            assert re.search(re.escape(template).replace(r"\[X\]", ".+").replace(r"\[Y\]", r"\w+"), corpus), template
+        for template in dp.RELATIONS[rel]["more_questions"]:
+            assert "Q: " + template.split("[X]")[0] in corpus, template
+    # Fine-tuning and evaluation keep the one question per relation.
+    assert all(f["question"] == dp.RELATIONS[f["relation"]]["question"].replace("[X]", f["subject"]) for f in facts)
+    _, plain = smoke(tmp_path / "plain", qa_fraction=1.0)
+    plain_corpus = (plain / "pretrain.jsonl").read_text()
+    assert not any(t.split("[X]")[0] in plain_corpus for t in dp.RELATIONS["occupation"]["more_questions"])
+
+
+@pytest.mark.parametrize("kw", [{"n_paraphrases": 7}, {"n_qa_phrasings": 0}, {"answer_skew": -1.0}, {"popularity_skew": -0.5}])
+def test_realistic_options_out_of_range(tmp_path, kw):
+    with pytest.raises(dp.DataError, match="pass"):
+        smoke(tmp_path, **kw)
