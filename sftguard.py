@@ -1168,6 +1168,11 @@ def nan_to_0(x: float) -> float:
     return 0.0 if math.isnan(x) else x
 
 
+def epoch_reaching(curve: list[dict], target: float) -> str:
+    """The first epoch whose new-fact accuracy reached target, or '–'."""
+    return next((str(p["epoch"]) for p in curve if p["new_acc"] >= target), "–")
+
+
 def forgetting_at_new_acc(row: dict, target: float) -> float:
     """Forgetting when the run's new-fact accuracy first reached target, interpolated linearly between
     epochs (the fair comparison when one key type is fitted more slowly); nan if never reached."""
@@ -1191,13 +1196,16 @@ def curve_forgetting_at(curve: list[dict], target: float, new_key: str, base: fl
 # --- The three experiments ------------------------------------------------------------------------------
 def experiment_interference(run, counts, widths, cfg) -> list[dict]:
     """Name-like vs UUID keys at each count, under SFT and self-distillation, plus the known_only and
-    gradient-matched L2 controls at the largest count."""
+    gradient-matched L2 controls at the largest count, and there UUID-key SFT trained on until it has learned as
+    much as name-key SFT (capped at 95%; at most exp_fit_epochs): UUID facts are learned more slowly, and the two
+    keys are compared where both have learned as much."""
     w, top = cfg.n_embd, counts[-1]
     rows = [run(w, "name", top, "selfdistill", probe=True)]  # first: it measures the L2 weight
     rows += [run(w, key, n, method) for n in counts for key in KEY_TYPES for method in ("sft", "selfdistill")
              if (key, n, method) != ("name", top, "selfdistill")]
     rows += [run(w, None, 0, "known_only"), run(w, "name", top, "l2")]
-    return rows
+    name = find_row(rows, key="name", count=top, method="sft")
+    return rows + [run(w, "uuid", top, "sft", fit_target=min(name["new_acc"], 0.95), epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)]
 
 
 def experiment_capacity(run, counts, widths, cfg) -> list[dict]:
@@ -1317,8 +1325,17 @@ def pct2(x) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.2f}"
 
 
-def find_row(rows: list[dict], **match) -> dict | None:
-    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+def find_row(rows: list[dict], fitted: bool = False, **match) -> dict | None:
+    """The first row matching every field; a fitted row (trained on to a new-fact accuracy) only when fitted=True."""
+    return next((r for r in rows if (r.get("fit_target") is not None) == fitted and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def equal_acquisition_pair(rows: list[dict], n: int) -> tuple[dict, dict, float]:
+    """(name-key SFT, UUID-key SFT, the new-fact accuracy both reached) at n new facts: the UUID run fitted to the name
+    keys' accuracy where there is one (the largest count), else the plain one; the level is the lower final accuracy."""
+    name = find_row(rows, key="name", count=n, method="sft")
+    uuid = find_row(rows, fitted=True, key="uuid", count=n, method="sft") or find_row(rows, key="uuid", count=n, method="sft")
+    return name, uuid, min(name["new_acc"], uuid["new_acc"])
 
 
 def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, bool, str]]:
@@ -1332,15 +1349,15 @@ def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, 
     nums = lambda xs: ", ".join(pct(x) for x in xs)  # noqa: E731
     matched = {key: [] for key in KEY_TYPES}  # the same at equal new-fact accuracy
     for n in counts:
-        pair = {key: find_row(rows, key=key, count=n, method="sft") for key in KEY_TYPES}
-        target = min(r["new_acc"] for r in pair.values())
-        for key in KEY_TYPES:
-            matched[key].append(forgetting_at_new_acc(pair[key], target))
+        name, uuid, target = equal_acquisition_pair(rows, n)
+        matched["name"].append(forgetting_at_new_acc(name, target))
+        matched["uuid"].append(forgetting_at_new_acc(uuid, target))
+    levels = ", ".join(pct(equal_acquisition_pair(rows, n)[2]) for n in counts)
     return [
         ("UUID-key forgetting <= 1/4 of name-key forgetting at every count (SFT)",
          all(u <= n / 4 for u, n in zip(sft["uuid"], sft["name"])), f"UUID {nums(sft['uuid'])} vs name {nums(sft['name'])}"),
         ("the same at equal new-fact accuracy", all(u <= n / 4 for u, n in zip(matched["uuid"], matched["name"])),
-         f"UUID {nums(matched['uuid'])} vs name {nums(matched['name'])}"),
+         f"UUID {nums(matched['uuid'])} vs name {nums(matched['name'])} (at {levels}% new facts)"),
         ("UUID-key forgetting flat within 5 points over the counts", max(sft["uuid"]) - min(sft["uuid"]) <= 0.05,
          f"range {pct(max(sft['uuid']) - min(sft['uuid']))} points"),
         ("name-key forgetting grows with the count", all(a < b for a, b in zip(sft["name"], sft["name"][1:])), nums(sft["name"])),
@@ -1370,12 +1387,13 @@ def interference_markdown(result: dict) -> str:
     for r in sorted((r for r in rows if r["method"] == "sft"), key=lambda r: (r["count"], r["key"])):
         lines.append(f"| {r['count']} | {r['key']} | {pct(r['forgetting_same_relation'])} | {pct(r['forgetting_other_relations'])} |")
     lines += ["", "At equal new-fact accuracy (SFT; the lower of the two keys' final accuracies, forgetting interpolated "
-              "between epochs where that accuracy was first reached):\n",
-              "| new facts | new-fact acc | forgetting, name keys | forgetting, UUID keys |", "|---|---|---|---|"]
+              "between epochs where that accuracy was first reached; at the largest count the UUID run trained on until it "
+              "learned as much as the name keys):\n",
+              "| new facts | new-fact acc | forgetting, name keys (epoch) | forgetting, UUID keys (epoch) |", "|---|---|---|---|"]
     for n in counts:
-        name, uuid = find_row(rows, key="name", count=n, method="sft"), find_row(rows, key="uuid", count=n, method="sft")
-        target = min(name["new_acc"], uuid["new_acc"])
-        lines.append(f"| {n} | {pct(target)} | {pct(forgetting_at_new_acc(name, target))} | {pct(forgetting_at_new_acc(uuid, target))} |")
+        name, uuid, target = equal_acquisition_pair(rows, n)
+        at = lambda r: f"{pct(forgetting_at_new_acc(r, target))} ({epoch_reaching(r['curve'], target)})"  # noqa: E731
+        lines.append(f"| {n} | {pct(target)} | {at(name)} | {at(uuid)} |")
     probe = result["l2_probe"]
     lines += ["", f"Controls at {top} name-key facts (L2 weight {probe['l2_weight']:.3g}, matched to the self-distillation "
               f"KL gradient over {probe['steps']} probe steps"

@@ -133,6 +133,20 @@ def test_forgetting_at_equal_new_fact_accuracy_interpolates():
     assert math.isnan(S.forgetting_at_new_acc(row, 0.9))
 
 
+def test_equal_acquisition_at_the_largest_count_reads_the_fitted_uuid_run():
+    def row(key, n, accs, fit=None):
+        curve = [{"epoch": e, "new_acc": a, "held_acc": 0.8 - 0.1 * e} for e, a in enumerate(accs)]
+        return {"key": key, "count": n, "method": "sft", "fit_target": fit, "new_acc": accs[-1], "teacher_held_acc": 0.8,
+                "curve": curve}
+    plain, fitted = row("uuid", 100, [0.0, 0.2, 0.4]), row("uuid", 100, [0.0, 0.2, 0.4, 0.6, 0.9], fit=0.9)
+    rows = [row("name", 100, [0.0, 0.5, 0.95]), plain, fitted, row("name", 10, [0.0, 1.0]), row("uuid", 10, [0.0, 0.5])]
+    assert S.find_row(rows, key="uuid", count=100, method="sft") is plain
+    assert S.find_row(rows, fitted=True, key="uuid", count=100, method="sft") is fitted
+    name, uuid, level = S.equal_acquisition_pair(rows, 100)
+    assert uuid is fitted and level == 0.9 and S.epoch_reaching(uuid["curve"], level) == "4"
+    assert S.equal_acquisition_pair(rows, 10)[1:] == (rows[4], 0.5)  # no fitted run at that count: the plain one
+
+
 @pytest.mark.parametrize("flags, message", [(["--experiment", "capcity"], "unknown --experiment"),
                                             (["--experiment", "all", "--exp_counts", "10,x"], "comma-separated"),
                                             (["--experiment", "all", "--exp_widths", "33"], "multiple of --n_head")])
@@ -163,6 +177,8 @@ def test_smoke_experiment_writes_its_files(smoke_base, smoke_dirs, tmp_path):
     l2 = next(r for r in inter["rows"] if r["method"] == "l2")
     assert l2["l2_weight"] == pytest.approx(inter["l2_probe"]["l2_weight"]) and l2["l2_weight"] > 0
     assert {r["width"] for r in results["capacity"]["rows"]} == {64, 96}
+    top_fit = S.find_row(inter["rows"], fitted=True, key="uuid", count=100, method="sft")  # UUID keys fitted to name keys'
+    assert top_fit["fit_target"] == min(S.find_row(inter["rows"], key="name", count=100, method="sft")["new_acc"], 0.95)
     fitted = results["cloning"]["rows"][3]
     assert fitted["fit_target"] == min(results["cloning"]["rows"][1]["new_acc"], 0.95)
     assert fitted["new_acc"] >= fitted["fit_target"] or fitted["epochs"] == 3 * smoke_base.cfg.epochs
