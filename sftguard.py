@@ -326,6 +326,9 @@ def make_model_config(cfg: Config, tokenizer):
                        max_position_embeddings=512, **ids)
 
 
+PRETRAIN_WARMUP_FRAC, PRETRAIN_GRAD_CLIP = 0.05, 1.0
+
+
 def pretrain_base_model(cfg: Config, data_dir: Path, world: dict) -> Path:
     """Pretrain a randomly initialised causal LM on the world's corpus (cached by world and model config).
 
@@ -353,8 +356,10 @@ def pretrain_base_model(cfg: Config, data_dir: Path, world: dict) -> Path:
             block = blocks[start:start + cfg.pretrain_batch_size]
             yield {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
 
-    train(model, packed_epoch, next_token_loss, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, cfg=cfg,
-          desc="pretrain", weight_decay=0.1)
+    # Pretraining's own warm-up and clipping (the fine-tuning flags --warmup_frac / --grad_clip must not change the
+    # base model, which is cached by the pretraining config alone).
+    train(model, packed_epoch, next_token_loss, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
+          cfg=replace(cfg, warmup_frac=PRETRAIN_WARMUP_FRAC, grad_clip=PRETRAIN_GRAD_CLIP), desc="pretrain", weight_decay=0.1)
     save_hf_model(model, tokenizer, cache)
     return cache
 

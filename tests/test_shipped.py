@@ -76,3 +76,22 @@ def test_ship_base_model_makes_files_a_fresh_cache_uses(tmp_path, monkeypatch, c
     assert "using the base model and SliCK categories shipped" in printed and "pretraining" not in printed
     # cached_categories will read this file instead of asking the model
     assert (tmp_path / "cache" / S.categories_cache_name(model, S.category_pool(facts, cfg), cfg, path)).is_file()
+
+
+def test_fine_tuning_flags_do_not_reach_pretraining(smoke_dirs, tmp_path, monkeypatch):
+    # The base model is cached by its pretraining config; a stage-2 flag that changed pretraining would make a cached
+    # model and a fresh one differ under the same key.
+    seen = []
+
+    def stop_at_train(model, batches, loss_fn, *, cfg, **kw):
+        seen.append((cfg.warmup_frac, cfg.grad_clip))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "train", stop_at_train)
+    facts, world = S.load_facts(smoke_dirs["data"])
+    for flags in ([], ["--warmup_frac", "0.3", "--grad_clip", "0.2"]):
+        cfg = S.parse_config(["--preset", "smoke", "--data", str(smoke_dirs["data"]), "--cache_dir", str(tmp_path), *flags])
+        assert S.base_model_key(cfg, world) == S.base_model_key(S.parse_config(["--preset", "smoke"]), world)
+        with pytest.raises(KeyboardInterrupt):
+            S.pretrain_base_model(cfg, smoke_dirs["data"], world)
+    assert seen == [(S.PRETRAIN_WARMUP_FRAC, S.PRETRAIN_GRAD_CLIP)] * 2 == [(0.05, 1.0)] * 2
