@@ -34,7 +34,7 @@ def qa_text(question: str, answer: str) -> str:
 @dataclass
 class WorldConfig:
     source: str = field(default="synthetic", metadata={"help": "synthetic | entityquestions", "choices": ["synthetic", "entityquestions"]})
-    preset: str = field(default="default", metadata={"help": "synthetic world size: smoke | ci | default | large"})
+    preset: str = field(default="default", metadata={"help": "synthetic world: smoke | ci | default | realistic | large"})
     seed: int = field(default=0, metadata={"help": "world seed: names, values, corpus order, EQ sampling"})
     out: Optional[str] = field(default=None, metadata={"help": "output folder (default data/world-<preset> or data/entityquestions)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing finished output folder"})
@@ -62,6 +62,8 @@ WORLD_PRESETS = {
     "default": {},
     "large": {"n_known_entities": 3000, "n_unknown_entities": 1500, "n_uuid_entities": 1500},
     "ci": {"n_known_entities": 200, "n_unknown_entities": 120, "n_uuid_entities": 30},
+    # The default sizes with the realistic-world options on (README: The synthetic world): measured, not yet the default.
+    "realistic": {"answer_skew": 1.0, "popularity_skew": 1.0, "n_paraphrases": 6, "n_qa_phrasings": 3},
 }
 
 

@@ -69,7 +69,7 @@ class StudyArgs:
     """The study: which method(s), on which preset and seed, written where."""
     _argument_group_name = "study"  # its --help heading (HfArgumentParser)
     method: str = field(default="selfdistill", metadata={"help": "sft | selfdistill | freeze | known_only | l2 | all (one teacher)"})
-    preset: str = field(default="default", metadata={"help": "smoke (seconds) | ci (minutes; tests) | default (CPU) | large (GPU)"})
+    preset: str = field(default="default", metadata={"help": "smoke (seconds) | ci (tests) | default | realistic | large (GPU)"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, few-shot prompts and training (not of world, base model)"})
     out: str = field(default="", metadata={"help": "output folder; empty: runs/<preset>/<method>-seed<seed>(-2, -3, ...)"})
     sweep: str = field(default="", metadata={"help": "a frontier from one teacher: kl_weight=0,0.25,1 | temperature=... | l2_weight=..."})
@@ -164,6 +164,7 @@ PRESETS = {
                   slick_prompts=2, slick_shots=2, slick_samples=2, n_known=30, n_unknown=30, n_held=20, n_val=10,
                   stage1_epochs=2, epochs=2, stage1_lr=3e-4, lr=3e-4, eval_max=60, exp_counts="10,30,100", exp_widths="96"),
     "default": dict(),
+    "realistic": dict(),  # the default model and study on data_prep's realistic world (skewed answers, a long tail, ...)
     "large": dict(n_layer=8, n_embd=256, n_head=8, vocab_size=2048, pretrain_epochs=60, slick_prompts=10, slick_samples=16,
                   slick_max_facts=0, n_known=3000, n_unknown=3000, n_held=2000, n_val=300, eval_max=2000, batch_size=64),
     # ci: a reduced world (data_prep.WORLD_PRESETS["ci"]) and model on which plain SFT still clearly forgets more than

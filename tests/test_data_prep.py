@@ -242,3 +242,11 @@ def test_more_paraphrases_and_qa_phrasings_reach_the_corpus_only(tmp_path):
 def test_realistic_options_out_of_range(tmp_path, kw):
     with pytest.raises(dp.DataError, match="pass"):
         smoke(tmp_path, **kw)
+
+
+def test_realistic_preset_is_the_default_world_with_the_options_on(tmp_path):
+    cfg = dp.parse_args(["--preset", "realistic", "--out", str(tmp_path / "r")])
+    assert (cfg.answer_skew, cfg.popularity_skew, cfg.n_paraphrases, cfg.n_qa_phrasings) == (1.0, 1.0, 6, 3)
+    default = dp.parse_args(["--out", str(tmp_path / "d")])
+    assert (default.answer_skew, default.popularity_skew, default.n_paraphrases, default.n_qa_phrasings) == (0.0, 0.0, 3, 1)
+    assert cfg.n_known_entities == default.n_known_entities == 400
