@@ -134,7 +134,7 @@ def out_is_a_file(shared, tmp_path):
 # (name, setup(shared, tmp_path) -> extra argv, or a plain argv list, words the one-line message must hold)
 BAD_INPUT = [
     ("unknown method", ["--method", "magic"], "choose one of sft, selfdistill, freeze, known_only, l2, all"),
-    ("unknown preset", ["--preset", "huge"], "choose one of smoke, default, large"),
+    ("unknown preset", ["--preset", "huge"], "choose one of smoke, default, realistic, large, ci"),
     ("unknown flag", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1; see python sftguard.py --help"),
     ("unknown experiment", ["--experiment", "telepathy"], "unknown --experiment 'telepathy'; choose one of"),
     ("negative KL weight", ["--kl_weight", "-1"], "--kl_weight -1.0 is out of range"),
