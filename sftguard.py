@@ -1210,8 +1210,13 @@ def experiment_interference(run, counts, widths, cfg) -> list[dict]:
     rows += [run(w, key, n, method) for n in counts for key in KEY_TYPES for method in ("sft", "selfdistill")
              if (key, n, method) != ("name", top, "selfdistill")]
     rows += [run(w, None, 0, "known_only"), run(w, "name", top, "l2")]
-    name = find_row(rows, key="name", count=top, method="sft")
-    return rows + [run(w, "uuid", top, "sft", fit_target=min(name["new_acc"], 0.95), epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)]
+    return rows + [fitted_uuid_run(run, w, top, find_row(rows, key="name", count=top, method="sft"), cfg)]
+
+
+def fitted_uuid_run(run, width: int, n: int, name_row: dict, cfg) -> dict:
+    """UUID-key SFT on n facts trained until its new-fact accuracy reaches name-key SFT's (capped at 95%: "fitted"),
+    checked each epoch, at most exp_fit_epochs (default 3 x epochs)."""
+    return run(width, "uuid", n, "sft", fit_target=min(name_row["new_acc"], 0.95), epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)
 
 
 def experiment_capacity(run, counts, widths, cfg) -> list[dict]:
@@ -1224,7 +1229,7 @@ def experiment_cloning(run, counts, widths, cfg) -> list[dict]:
     same new-fact accuracy, capped at 95% (at most exp_fit_epochs), UUID facts at the same epoch, known_only."""
     w, n = cfg.n_embd, counts[len(counts) // 2]
     name = run(w, "name", n, "sft")  # its accuracy on the new facts (at most 95%: "fitted") is the level to reach
-    fitted = run(w, "uuid", n, "sft", fit_target=min(name["new_acc"], 0.95), epochs=cfg.exp_fit_epochs or 3 * cfg.epochs)
+    fitted = fitted_uuid_run(run, w, n, name, cfg)
     return [run(w, None, 0, "known_only"), name, run(w, "uuid", n, "sft"), fitted]
 
 
@@ -1354,11 +1359,13 @@ def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, 
     sd_at, l2_at = forgetting_at_new_acc(sd, level), forgetting_at_new_acc(l2, level)
     nums = lambda xs: ", ".join(pct(x) for x in xs)  # noqa: E731
     matched = {key: [] for key in KEY_TYPES}  # the same at equal new-fact accuracy
+    targets = []
     for n in counts:
         name, uuid, target = equal_acquisition_pair(rows, n)
         matched["name"].append(forgetting_at_new_acc(name, target))
         matched["uuid"].append(forgetting_at_new_acc(uuid, target))
-    levels = ", ".join(pct(equal_acquisition_pair(rows, n)[2]) for n in counts)
+        targets.append(target)
+    levels = ", ".join(pct(t) for t in targets)
     return [
         ("UUID-key forgetting <= 1/4 of name-key forgetting at every count (SFT)",
          all(u <= n / 4 for u, n in zip(sft["uuid"], sft["name"])), f"UUID {nums(sft['uuid'])} vs name {nums(sft['name'])}"),
