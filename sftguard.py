@@ -1349,37 +1349,67 @@ def equal_acquisition_pair(rows: list[dict], n: int) -> tuple[dict, dict, float]
     return name, uuid, min(name["new_acc"], uuid["new_acc"])
 
 
-def interference_checks(rows: list[dict], counts: list[int]) -> list[tuple[str, bool, str]]:
+@dataclass
+class InterferenceNumbers:
+    """What the interference checks read, from one seed's rows. Over seeds, `mean` averages them number by number,
+    so each seed's equal-acquisition figures come from its own curve (fitted runs stop at different epochs)."""
+    sft: dict[str, list[float]]       # key type -> SFT forgetting at each count
+    matched: dict[str, list[float]]   # key type -> SFT forgetting where both keys first reached `levels` (per count)
+    levels: list[float]               # the new-fact accuracy each count's pair is compared at
+    drift: dict[str, float]           # "name sft", "uuid sft", "name selfdistill" -> drift at the largest count
+    sd: float                         # name-key self-distillation forgetting at the largest count
+    l2: float                         # gradient-matched L2 forgetting there
+    sd_new: float                     # their new-fact accuracies
+    l2_new: float
+    level: float                      # the lower of the two: where sd_at and l2_at are read
+    sd_at: float
+    l2_at: float
+
+    @classmethod
+    def of(cls, rows: list[dict], counts: list[int]) -> "InterferenceNumbers":
+        top = counts[-1]
+        sd, l2 = find_row(rows, key="name", count=top, method="selfdistill"), find_row(rows, key="name", count=top, method="l2")
+        level = min(sd["new_acc"], l2["new_acc"])
+        pairs = [equal_acquisition_pair(rows, n) for n in counts]
+        return cls(sft={k: [find_row(rows, key=k, count=n, method="sft")["forgetting"] for n in counts] for k in KEY_TYPES},
+                   matched={"name": [forgetting_at_new_acc(name, t) for name, _, t in pairs],
+                            "uuid": [forgetting_at_new_acc(uuid, t) for _, uuid, t in pairs]},
+                   levels=[t for _, _, t in pairs],
+                   drift={f"{k} {m}": find_row(rows, key=k, count=top, method=m)["drift"]
+                          for k, m in (("name", "sft"), ("uuid", "sft"), ("name", "selfdistill"))},
+                   sd=sd["forgetting"], l2=l2["forgetting"], sd_new=sd["new_acc"], l2_new=l2["new_acc"], level=level,
+                   sd_at=forgetting_at_new_acc(sd, level), l2_at=forgetting_at_new_acc(l2, level))
+
+    @classmethod
+    def mean(cls, per_seed: list["InterferenceNumbers"]) -> "InterferenceNumbers":
+        def avg(values):
+            first = values[0]
+            if isinstance(first, dict):
+                return {k: avg([v[k] for v in values]) for k in first}
+            if isinstance(first, list):
+                return [statistics.mean(xs) for xs in zip(*values)]
+            return statistics.mean(values)
+        return cls(**{k: avg([vars(x)[k] for x in per_seed]) for k in vars(per_seed[0])})
+
+
+def interference_checks(x: InterferenceNumbers) -> list[tuple[str, bool, str]]:
     """The paper's findings as (claim, holds, measured numbers); forgetting against the teacher."""
-    sft = {key: [find_row(rows, key=key, count=n, method="sft")["forgetting"] for n in counts] for key in KEY_TYPES}
-    top = counts[-1]
-    drift = {(k, m): find_row(rows, key=k, count=top, method=m)["drift"] for k in KEY_TYPES for m in ("sft", "selfdistill")}
-    sd, l2 = find_row(rows, key="name", count=top, method="selfdistill"), find_row(rows, key="name", count=top, method="l2")
-    level = min(sd["new_acc"], l2["new_acc"])
-    sd_at, l2_at = forgetting_at_new_acc(sd, level), forgetting_at_new_acc(l2, level)
-    nums = lambda xs: ", ".join(pct(x) for x in xs)  # noqa: E731
-    matched = {key: [] for key in KEY_TYPES}  # the same at equal new-fact accuracy
-    targets = []
-    for n in counts:
-        name, uuid, target = equal_acquisition_pair(rows, n)
-        matched["name"].append(forgetting_at_new_acc(name, target))
-        matched["uuid"].append(forgetting_at_new_acc(uuid, target))
-        targets.append(target)
-    levels = ", ".join(pct(t) for t in targets)
+    nums = lambda xs: ", ".join(pct(v) for v in xs)  # noqa: E731
+    levels = ", ".join(pct(t) for t in x.levels)
     return [
         ("UUID-key forgetting <= 1/4 of name-key forgetting at every count (SFT)",
-         all(u <= n / 4 for u, n in zip(sft["uuid"], sft["name"])), f"UUID {nums(sft['uuid'])} vs name {nums(sft['name'])}"),
-        ("the same at equal new-fact accuracy", all(u <= n / 4 for u, n in zip(matched["uuid"], matched["name"])),
-         f"UUID {nums(matched['uuid'])} vs name {nums(matched['name'])} (at {levels}% new facts)"),
-        ("UUID-key forgetting flat within 5 points over the counts", max(sft["uuid"]) - min(sft["uuid"]) <= 0.05,
-         f"range {pct(max(sft['uuid']) - min(sft['uuid']))} points"),
-        ("name-key forgetting grows with the count", all(a < b for a, b in zip(sft["name"], sft["name"][1:])), nums(sft["name"])),
+         all(u <= n / 4 for u, n in zip(x.sft["uuid"], x.sft["name"])), f"UUID {nums(x.sft['uuid'])} vs name {nums(x.sft['name'])}"),
+        ("the same at equal new-fact accuracy", all(u <= n / 4 for u, n in zip(x.matched["uuid"], x.matched["name"])),
+         f"UUID {nums(x.matched['uuid'])} vs name {nums(x.matched['name'])} (at {levels}% new facts)"),
+        ("UUID-key forgetting flat within 5 points over the counts", max(x.sft["uuid"]) - min(x.sft["uuid"]) <= 0.05,
+         f"range {pct(max(x.sft['uuid']) - min(x.sft['uuid']))} points"),
+        ("name-key forgetting grows with the count", all(a < b for a, b in zip(x.sft["name"], x.sft["name"][1:])), nums(x.sft["name"])),
         ("drift of name-key SFT above UUID-key SFT and name-key self-distillation",
-         drift[("name", "sft")] > max(drift[("uuid", "sft")], drift[("name", "selfdistill")]),
-         f"{pct2(drift[('name', 'sft')])} vs {pct2(drift[('uuid', 'sft')])} and {pct2(drift[('name', 'selfdistill')])}"),
-        ("gradient-matched L2 forgetting >= 2x self-distillation's", l2["forgetting"] >= 2 * sd["forgetting"],
-         f"{pct(l2['forgetting'])} vs {pct(sd['forgetting'])} (new-fact accuracy {pct(l2['new_acc'])} vs {pct(sd['new_acc'])})"),
-        ("the same at equal new-fact accuracy", l2_at >= 2 * sd_at, f"{pct(l2_at)} vs {pct(sd_at)} at {pct(level)}"),
+         x.drift["name sft"] > max(x.drift["uuid sft"], x.drift["name selfdistill"]),
+         f"{pct2(x.drift['name sft'])} vs {pct2(x.drift['uuid sft'])} and {pct2(x.drift['name selfdistill'])}"),
+        ("gradient-matched L2 forgetting >= 2x self-distillation's", x.l2 >= 2 * x.sd,
+         f"{pct(x.l2)} vs {pct(x.sd)} (new-fact accuracy {pct(x.l2_new)} vs {pct(x.sd_new)})"),
+        ("the same at equal new-fact accuracy", x.l2_at >= 2 * x.sd_at, f"{pct(x.l2_at)} vs {pct(x.sd_at)} at {pct(x.level)}"),
     ]
 
 
@@ -1428,7 +1458,7 @@ def interference_markdown(result: dict) -> str:
         lines.append(f"| {condition_name(r)} | " + " | ".join(pct2(p["drift"]) for p in r["curve"]) + " |")
     lines += ["", anatomy_markdown("condition | new facts | held-out facts", interference_anatomy_rows([rows], result["relation"]))]
     lines += ["The paper's findings, checked (at an equal epoch unless stated):\n"]
-    lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(rows, counts)]
+    lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(InterferenceNumbers.of(rows, counts))]
     return "\n".join(lines) + "\n"
 
 
@@ -3104,18 +3134,6 @@ def plot_forgetting_curves(path: Path, per_seed: list[list[dict]], seeds: list[i
     return True
 
 
-def mean_row(rows: list[dict]) -> dict:
-    """One condition's row averaged over seeds: every number, and the curve epoch by epoch where the seeds'
-    curves have the same epochs (a fitted condition may stop at different epochs: its curve is the first seed's)."""
-    first = rows[0]
-    out = {k: (statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-           for k, v in first.items() if k != "curve"}
-    same_epochs = all([p["epoch"] for p in r["curve"]] == [p["epoch"] for p in first["curve"]] for r in rows)
-    out["curve"] = ([{k: statistics.mean(r["curve"][i][k] for r in rows) for k in point} for i, point in enumerate(first["curve"])]
-                    if same_epochs else first["curve"])
-    return out
-
-
 def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int]) -> str:
     """Mean ± sd over seeds of every condition of every experiment, and the paper's findings checked on the means."""
     lines = [f"# sftguard --experiment {cfg.experiment}, preset {cfg.preset}, seeds {', '.join(map(str, seeds))}", "",
@@ -3134,11 +3152,12 @@ def experiment_seeds_markdown(per_seed: list[dict], cfg: Config, seeds: list[int
             lines.append(f"| {r['condition']} | {r['count']} | {r['width']} | {epochs} | {new} | {mean_sd([x['held_acc'] for x in same])} | "
                          f"{mean_sd([x['forgetting'] for x in same])} | {mean_sd([x['drift'] for x in same])} |")
         if name == "interference":
-            means = [mean_row([seed_rows[i] for seed_rows in rows]) for i in range(len(rows[0]))]
+            counts = per_seed[0][name]["counts"]
+            means = InterferenceNumbers.mean([InterferenceNumbers.of(seed_rows, counts) for seed_rows in rows])
             lines += ["", anatomy_markdown("condition | new facts | held-out facts",
                                            interference_anatomy_rows(rows, per_seed[0][name]["relation"]))]
             lines += ["The paper's findings, checked on the means over seeds:", ""]
-            lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means, per_seed[0][name]["counts"])]
+            lines += [f"- [{'x' if ok else ' '}] {claim}: {numbers}" for claim, ok, numbers in interference_checks(means)]
         lines.append("")
     return "\n".join(lines)
 

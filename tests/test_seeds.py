@@ -51,17 +51,30 @@ def test_forgetting_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     assert not (tmp_path / "forgetting.png").exists()
 
 
-def test_mean_row_averages_numbers_and_curves_over_seeds():
-    rows = [{"key": "name", "count": 10, "method": "sft", "forgetting": 0.2, "drift": 0.1, "fit_target": None,
-             "curve": [{"epoch": 0, "held_acc": 0.8}, {"epoch": 1, "held_acc": 0.6}]},
-            {"key": "name", "count": 10, "method": "sft", "forgetting": 0.4, "drift": 0.3, "fit_target": None,
-             "curve": [{"epoch": 0, "held_acc": 0.6}, {"epoch": 1, "held_acc": 0.4}]}]
-    m = S.mean_row(rows)
-    assert m["forgetting"] == pytest.approx(0.3) and m["drift"] == pytest.approx(0.2)
-    assert m["key"] == "name" and m["count"] == 10 and m["fit_target"] is None
-    assert [p["held_acc"] for p in m["curve"]] == pytest.approx([0.7, 0.5])
-    rows[1]["curve"] = rows[1]["curve"][:1]  # a fitted condition that stopped earlier: keep the first seed's curve
-    assert S.mean_row(rows)["curve"] == rows[0]["curve"]
+def interference_rows(name_accs, uuid_fitted_accs):
+    """One seed's interference rows at one count (100): held-out accuracy falls 0.1 an epoch under name keys and 0.05
+    under the fitted UUID run, from a teacher at 0.8."""
+    def row(key, method, accs, slope, fit=None):
+        curve = [{"epoch": e, "new_acc": a, "held_acc": 0.8 - slope * e} for e, a in enumerate(accs)]
+        return {"key": key, "count": 100, "method": method, "fit_target": fit, "new_acc": accs[-1], "teacher_held_acc": 0.8,
+                "forgetting": S.relative_drop(0.8, curve[-1]["held_acc"]), "drift": 0.01, "curve": curve}
+    return [row("name", "sft", name_accs, 0.1), row("uuid", "sft", [0.0, 0.2], 0.05), row("name", "selfdistill", [0.0, 0.9], 0.02),
+            row("uuid", "selfdistill", [0.0, 0.2], 0.02), row("name", "l2", [0.0, 0.1], 0.05),
+            row("uuid", "sft", uuid_fitted_accs, 0.05, fit=0.9)]
+
+
+def test_interference_checks_over_seeds_read_each_seeds_own_curve():
+    # the seeds' runs reach 90% of the new facts at different epochs (fitted runs stop there): seed A's name keys at
+    # epoch 2 (held 0.6: forgetting 0.25) and its UUID run at epoch 3 (0.65: 0.1875); seed B's both at 0.7 (0.125)
+    a = S.InterferenceNumbers.of(interference_rows([0.0, 0.5, 0.9], [0.0, 0.3, 0.6, 0.9]), [100])
+    b = S.InterferenceNumbers.of(interference_rows([0.0, 0.9], [0.0, 0.45, 0.9]), [100])
+    assert a.matched == {"name": [pytest.approx(0.25)], "uuid": [pytest.approx(0.1875)]} and a.levels == [0.9]
+    m = S.InterferenceNumbers.mean([a, b])
+    assert m.matched["name"] == [pytest.approx(0.1875)] and m.matched["uuid"] == [pytest.approx(0.15625)]
+    assert m.sft["name"] == [pytest.approx((0.25 + 0.125) / 2)] and m.drift["name sft"] == pytest.approx(0.01)
+    assert m.level == pytest.approx(0.1) and m.sd_at == pytest.approx(0.02 / 9 / 0.8) and m.l2_at == pytest.approx(0.0625)
+    checks = dict((claim, ok) for claim, ok, _ in S.interference_checks(m))
+    assert checks["the same at equal new-fact accuracy"] is True  # the last claim of that name: L2 0.0625 >= 2 x 0.0028
 
 
 def test_seeds_combine_with_experiments_but_not_with_sweeps():
