@@ -166,25 +166,56 @@ def _validate_synthetic(cfg):
         raise DataError("too many entities for the name/code space; pass smaller --n_*_entities / --n_filler")
 
 
+def draw_names(r, syllables, n, taken, blocked):
+    """n new First Last names (First = 2 syllables, Last = 2-3), added to taken. A name part that equals a value word
+    is rejected, so a name never looks like an answer; so is a name in blocked."""
+    all_values = {v.lower() for spec in RELATIONS.values() for v in spec["values"]}
+    names = []
+    while len(names) < n:
+        first, last = name_word(r, syllables, 2), name_word(r, syllables, r.choice([2, 3]))
+        name = f"{first} {last}"
+        if first.lower() not in all_values and last.lower() not in all_values and name not in taken and name not in blocked:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def pretrain_docs(cfg, rng, rels, known, values, qa_known, codes):
+    """(docs, bio docs, QA docs, filler docs) of the pretraining corpus: varied prose biographies (facts in shuffled
+    order, random paraphrases), QA-form text for a fraction of known people, and digit-code filler (never one of the
+    world's codes) so code pieces are trained."""
+    r, docs = rng("corpus"), []
+    n_bio = n_qa = 0
+    statements = {rel: (spec["statements"] + spec["more_statements"])[: cfg.n_paraphrases] for rel, spec in rels.items()}
+    questions = {rel: [spec["question"]] + spec["more_questions"][: cfg.n_qa_phrasings - 1] for rel, spec in rels.items()}
+    for subject, n_bios in tqdm(zip(known, bios_per_person(cfg)), desc="pretrain docs", disable=len(known) < 1000):
+        for _ in range(n_bios):
+            order = list(rels)
+            r.shuffle(order)
+            docs.append(" ".join(_fill(r.choice(statements[rel]), subject, values[subject][rel]) for rel in order))
+            n_bio += 1
+        if subject in qa_known:
+            for rel in rels:  # one phrasing drawn per Q/A pair (no draw with one phrasing, as the default world was made)
+                question = r.choice(questions[rel]) if len(questions[rel]) > 1 else questions[rel][0]
+                docs.append(qa_text(_fill(question, subject), values[subject][rel]))
+                n_qa += 1
+    n_filler = cfg.n_uuid_entities if cfg.n_filler < 0 else cfg.n_filler
+    r_f, filler = rng("filler"), []
+    while len(filler) < n_filler:
+        code = uuid_code(r_f)
+        if code not in codes:
+            filler.append(r_f.choice(FILLER).replace("[C]", code))
+    docs += filler
+    rng("shuffle").shuffle(docs)
+    return docs, n_bio, n_qa, filler
+
+
 def synthesize(cfg):
     """Returns (facts, pretrain_docs, relations, counts) for the synthetic world."""
     _validate_synthetic(cfg)
     # One generator per stage, so e.g. changing bios_per_entity keeps the same people and facts.
     rng = lambda stage: random.Random(f"{cfg.seed}:{stage}")
     rels = dict(list(RELATIONS.items())[: cfg.n_relations])
-    all_values = {v.lower() for r in RELATIONS.values() for v in r["values"]}
-
-    # Names: First = 2 syllables, Last = 2-3. A name part that equals a value word is rejected,
-    # so a name never looks like an answer.
-    def draw_names(r, syllables, n, taken, blocked):
-        names = []
-        while len(names) < n:
-            first, last = name_word(r, syllables, 2), name_word(r, syllables, r.choice([2, 3]))
-            name = f"{first} {last}"
-            if first.lower() not in all_values and last.lower() not in all_values and name not in taken and name not in blocked:
-                taken.add(name)
-                names.append(name)
-        return names
 
     taken = set()
     known = draw_names(rng("known"), SYLLABLES, cfg.n_known_entities, taken, set())
@@ -213,31 +244,7 @@ def synthesize(cfg):
                           "question": _fill(spec["question"], subject), "answers": [values[subject][rel]],
                           "key": key, "in_pretraining": in_pt, "qa_in_pretraining": subject in qa_known})
 
-    # Pretraining corpus: varied prose biographies (facts in shuffled order, random paraphrases),
-    # QA-form text for a fraction of known people, and digit-code filler so code pieces are trained.
-    r, docs = rng("corpus"), []
-    n_bio = n_qa = 0
-    statements = {rel: (spec["statements"] + spec["more_statements"])[: cfg.n_paraphrases] for rel, spec in rels.items()}
-    questions = {rel: [spec["question"]] + spec["more_questions"][: cfg.n_qa_phrasings - 1] for rel, spec in rels.items()}
-    for subject, n_bios in tqdm(zip(known, bios_per_person(cfg)), desc="pretrain docs", disable=len(known) < 1000):
-        for _ in range(n_bios):
-            order = list(rels)
-            r.shuffle(order)
-            docs.append(" ".join(_fill(r.choice(statements[rel]), subject, values[subject][rel]) for rel in order))
-            n_bio += 1
-        if subject in qa_known:
-            for rel in rels:  # one phrasing drawn per Q/A pair (no draw with one phrasing, as the default world was made)
-                question = r.choice(questions[rel]) if len(questions[rel]) > 1 else questions[rel][0]
-                docs.append(qa_text(_fill(question, subject), values[subject][rel]))
-                n_qa += 1
-    n_filler = cfg.n_uuid_entities if cfg.n_filler < 0 else cfg.n_filler
-    r_f, filler = rng("filler"), []
-    while len(filler) < n_filler:
-        code = uuid_code(r_f)
-        if code not in codes:
-            filler.append(r_f.choice(FILLER).replace("[C]", code))
-    docs += filler
-    rng("shuffle").shuffle(docs)
+    docs, n_bio, n_qa, filler = pretrain_docs(cfg, rng, rels, known, values, qa_known, codes)
 
     relations = {rel: {"question": spec["question"], "statements": list(spec["statements"])} for rel, spec in rels.items()}
     counts = {"facts": len(facts), "relations": len(rels), "known_entities": len(known), "unknown_entities": len(unknown),
