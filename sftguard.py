@@ -2321,6 +2321,7 @@ def save_epoch_checkpoint(checkpoint_dir: Path, epoch: int, model, optimizer, ge
         if bar is not None:
             bar.close()
         raise
+    barrier()  # under torchrun: every rank has measured the old checkpoint before rank 0 deletes it (§16)
     for path in old if is_main_rank() else ():
         shutil.rmtree(path)
 

@@ -219,7 +219,40 @@ def test_fsdp2_resumes_from_its_distributed_checkpoint(tmp_path):
     assert out["stage1"] == {"best_epoch": 2}
 
 
-JOBS = {"train": train_job, "slick": slick_job, "resume": resume_job}
+def replace_checkpoint_job(folder: str):
+    """Three epochs of DDP with a checkpoint after each, rank 1's disk check slowed by a second: the epoch checkpoints
+    each rank finds while it checks the disk (gathered on rank 0)."""
+    import time
+
+    cfg = S.Config(precision="fp32", device="cpu", fsdp="off", lr=3e-3, warmup_frac=0.3, batch_size=6)
+    checkpoints, seen, check = Path(folder) / "method", [], S.check_free_space
+
+    def slow_check(folder, *args, **kwargs):  # a slow disk on rank 1
+        if S.rank() == 1:
+            time.sleep(1.0)
+        seen.append(sorted(p.name for p in checkpoints.glob("epoch-*")))
+        return check(folder, *args, **kwargs)
+    S.check_free_space = slow_check
+    try:
+        S.train(tiny_llama(0), uneven_batches(), S.next_token_loss, epochs=3, lr=cfg.lr, cfg=cfg, desc="t", seed=0,
+                checkpoint_dir=checkpoints)
+    finally:
+        S.check_free_space = check
+    parts = [None] * S.world_size()
+    torch.distributed.all_gather_object(parts, seen)
+    return {"seen": parts, "left": sorted(p.name for p in checkpoints.glob("epoch-*"))}
+
+
+@pytest.mark.slow
+def test_every_rank_checks_the_disk_before_rank_0_deletes_the_last_checkpoint(tmp_path):
+    """The CI failure of a two-process study: rank 0 deleted epoch 1's checkpoint while rank 1 was still measuring
+    it for the disk check, and rank 1 died on a file gone from under it."""
+    out = on_two_ranks("replace_checkpoint", str(tmp_path / "run"), tmp_path=tmp_path)
+    assert out["seen"] == [[[], ["epoch-0001"], ["epoch-0002"]]] * 2
+    assert out["left"] == ["epoch-0003"]
+
+
+JOBS = {"train": train_job, "slick": slick_job, "resume": resume_job, "replace_checkpoint": replace_checkpoint_job}
 
 
 # --- The whole study under torchrun -----------------------------------------------------------------------------
