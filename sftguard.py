@@ -1181,16 +1181,17 @@ def epoch_reaching(curve: list[dict], target: float) -> str:
 
 def forgetting_at_new_acc(row: dict, target: float) -> float:
     """Forgetting when the run's new-fact accuracy first reached target, interpolated linearly between
-    epochs (the fair comparison when one key type is fitted more slowly); nan if never reached."""
+    epochs (the fair comparison when one key type is fitted more slowly); nan if never reached, or if the teacher
+    already knew as much (training was not needed to get there: there is nothing to compare)."""
     return curve_forgetting_at(row["curve"], target, "new_acc", row["teacher_held_acc"])
 
 
 def curve_forgetting_at(curve: list[dict], target: float, new_key: str, base: float | None = None) -> float:
     """Forgetting (against base, default the curve's epoch 0) where the curve's new_key accuracy first reached target,
-    interpolated linearly between epochs; nan if never reached."""
+    interpolated linearly between epochs; nan if never reached or reached before training (at epoch 0)."""
     base = curve[0]["held_acc"] if base is None else base
-    if curve[0][new_key] >= target:  # the teacher already had it: no training needed, no forgetting
-        return 0.0
+    if curve[0][new_key] >= target:  # the teacher already had it: every run "forgets 0" there, which compares nothing
+        return float("nan")
     for before, after in zip(curve, curve[1:]):
         if after[new_key] >= target:
             span = after[new_key] - before[new_key]
@@ -1451,10 +1452,13 @@ def interference_markdown(result: dict) -> str:
     controls = [find_row(rows, key="name", count=top, method=m) for m in ("sft", "selfdistill", "l2")]
     target = min(r["new_acc"] for r in controls)
     for r in controls + [find_row(rows, method="known_only")]:
-        at = forgetting_at_new_acc(r, target) if r["method"] != "known_only" else None
-        lines.append(f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} | "
-                     f"{pct(at)} ({pct(target)}) |" if at is not None else
-                     f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} | – |")
+        if r["method"] == "known_only":
+            at = "–"
+        elif r["curve"][0]["new_acc"] >= target:
+            at = f"not comparable: the teacher already had {pct(target)}"
+        else:
+            at = f"{pct(forgetting_at_new_acc(r, target))} ({pct(target)})"
+        lines.append(f"| {condition_name(r)} | {pct(r['new_acc'])} | {pct(r['held_acc'])} | {pct(r['forgetting'])} | {pct2(r['drift'])} | {at} |")
     epochs = max(len(r["curve"]) for r in rows) - 1
     lines += ["", f"Drift % over training at {top} new facts (0 for the base model; 'stage 1' is the teacher):\n",
               "| condition | stage 1 | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " |", "|---|---|" + "---|" * epochs]

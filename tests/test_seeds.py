@@ -1,3 +1,4 @@
+import math
 """--seeds: the matched-acquisition view and the mean ± sd table over seeds."""
 import pytest
 
@@ -78,15 +79,15 @@ def test_interference_checks_over_seeds_read_each_seeds_own_curve():
 
 
 def test_l2_that_learned_nothing_new_is_not_comparable_at_equal_acquisition():
-    # L2 ends where the teacher started on the new facts (0.05): its forgetting read there is 0 by convention,
-    # as is self-distillation's, and "0 >= 2 x 0" must not count as the paper's finding
+    # L2 ends where the teacher started on the new facts (0.05): there, before any training, both forgettings are
+    # undefined (nan, not "0 >= 2 x 0"), and the check must say so rather than count it as the paper's finding
     rows = interference_rows([0.0, 0.5, 0.9], [0.0, 0.3, 0.6, 0.9])
     l2 = next(r for r in rows if r["method"] == "l2")
     l2["curve"] = [{**p, "new_acc": 0.05} for p in l2["curve"]]
     l2["new_acc"] = 0.05
     next(r for r in rows if r["method"] == "selfdistill" and r["key"] == "name")["curve"][0]["new_acc"] = 0.05  # the same teacher
     x = S.InterferenceNumbers.of(rows, [100])
-    assert x.l2_at == 0.0 and x.sd_at == 0.0 and x.teacher_new == 0.05 and x.level == 0.05
+    assert math.isnan(x.l2_at) and math.isnan(x.sd_at) and x.teacher_new == 0.05 and x.level == 0.05
     claim, ok, numbers = S.interference_checks(x)[-1]
     assert claim == "the same at equal new-fact accuracy" and ok is False and "not comparable" in numbers
 
