@@ -1399,14 +1399,18 @@ def interference_checks(x: InterferenceNumbers) -> list[tuple[str, bool, str]]:
     """The paper's findings as (claim, holds, measured numbers); forgetting against the teacher."""
     nums = lambda xs: ", ".join(pct(v) for v in xs)  # noqa: E731
     levels = ", ".join(pct(t) for t in x.levels)
+    several = len(x.sft["name"]) > 1  # a trend over the counts needs two of them; one count would tick both trivially
+    one_count = "not measured: one count; give --exp_counts two or more, e.g. 100,300,1000"
     return [
         ("UUID-key forgetting <= 1/4 of name-key forgetting at every count (SFT)",
          all(u <= n / 4 for u, n in zip(x.sft["uuid"], x.sft["name"])), f"UUID {nums(x.sft['uuid'])} vs name {nums(x.sft['name'])}"),
         ("the same at equal new-fact accuracy", all(u <= n / 4 for u, n in zip(x.matched["uuid"], x.matched["name"])),
          f"UUID {nums(x.matched['uuid'])} vs name {nums(x.matched['name'])} (at {levels}% new facts)"),
-        ("UUID-key forgetting flat within 5 points over the counts", max(x.sft["uuid"]) - min(x.sft["uuid"]) <= 0.05,
-         f"range {pct(max(x.sft['uuid']) - min(x.sft['uuid']))} points"),
-        ("name-key forgetting grows with the count", all(a < b for a, b in zip(x.sft["name"], x.sft["name"][1:])), nums(x.sft["name"])),
+        ("UUID-key forgetting flat within 5 points over the counts",
+         several and max(x.sft["uuid"]) - min(x.sft["uuid"]) <= 0.05,
+         f"range {pct(max(x.sft['uuid']) - min(x.sft['uuid']))} points" if several else one_count),
+        ("name-key forgetting grows with the count", several and all(a < b for a, b in zip(x.sft["name"], x.sft["name"][1:])),
+         nums(x.sft["name"]) if several else one_count),
         ("drift of name-key SFT above UUID-key SFT and name-key self-distillation",
          x.drift["name sft"] > max(x.drift["uuid sft"], x.drift["name selfdistill"]),
          f"{pct2(x.drift['name sft'])} vs {pct2(x.drift['uuid sft'])} and {pct2(x.drift['name selfdistill'])}"),

@@ -1,5 +1,7 @@
-import math
 """--seeds: the matched-acquisition view and the mean ± sd table over seeds."""
+import dataclasses
+import math
+
 import pytest
 
 import sftguard as S
@@ -90,6 +92,19 @@ def test_l2_that_learned_nothing_new_is_not_comparable_at_equal_acquisition():
     assert math.isnan(x.l2_at) and math.isnan(x.sd_at) and x.teacher_new == 0.05 and x.level == 0.05
     claim, ok, numbers = S.interference_checks(x)[-1]
     assert claim == "the same at equal new-fact accuracy" and ok is False and "not comparable" in numbers
+
+
+def test_trends_over_the_counts_are_not_ticked_from_one_count():
+    # one count: "flat within 5 points" (range 0) and "grows with the count" (nothing to compare) would hold trivially
+    trends = ("UUID-key forgetting flat within 5 points over the counts", "name-key forgetting grows with the count")
+    one = S.InterferenceNumbers.of(interference_rows([0.0, 0.5, 0.9], [0.0, 0.3, 0.6, 0.9]), [100])
+    checks = {claim: (ok, numbers) for claim, ok, numbers in S.interference_checks(one)}
+    assert all(checks[c][0] is False and "not measured: one count" in checks[c][1] for c in trends)
+    # two counts: the trends are read, and hold or fail on the numbers
+    two = dataclasses.replace(one, sft={"name": [0.05, 0.2], "uuid": [0.01, 0.03]})
+    assert all(ok is True for claim, ok, _ in S.interference_checks(two) if claim in trends)
+    shrinking = dataclasses.replace(one, sft={"name": [0.2, 0.05], "uuid": [0.01, 0.1]})
+    assert all(ok is False for claim, ok, _ in S.interference_checks(shrinking) if claim in trends)
 
 
 def test_seeds_combine_with_experiments_but_not_with_sweeps():
