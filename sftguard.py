@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -3694,6 +3695,9 @@ def start_ranks(cfg: Config):
 
 def stop_ranks():
     if torch.distributed.is_initialized():
+        # A sharded model sits in reference cycles (its hooks): collect it, and the collectives it still holds, while
+        # the group lives; left to the interpreter's teardown, gloo's threads can abort the process (pytorch#179291).
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
