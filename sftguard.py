@@ -13,9 +13,10 @@ A single-file reimplementation of Kaplan, Gekhman, Zhu, Rozner, Reif, Swayamdipt
     6. Stage 2                factual SFT on D_known + D_unknown by each method; 6b. results; main
   Part II, why SFT forgets (7, 7b, 7c): the hypothesis experiments, drift, the gradient-matched L2 control, their report;
     where forgetting comes from (the first epoch's shock, its residue, the later drift)
-  Part III, engineering (8-15, skip on a first read): the fast self-distillation path and teacher caches (tested
-    equal to Eq. 1-2), parameter groups, precision and memory, checkpoints and atomic writes, input checks,
-    --sweep / --seeds, the practitioners' tools (--audit, --screen, the loss in a Trainer), the command line
+  Part III, engineering (8-16, skip on a first read): the fast self-distillation path and teacher caches (tested
+    equal to Eq. 1-2), SliCK's samples with one prefill per prompt (8b), parameter groups, precision and memory,
+    checkpoints and atomic writes, input checks, --sweep / --seeds, the practitioners' tools (--audit, --screen, the
+    loss in a Trainer), the command line, more than one process (torchrun)
 
     python sftguard.py --method selfdistill          # the paper's fix
     python sftguard.py --method all                  # every method from one shared teacher
@@ -30,6 +31,7 @@ import contextlib
 import copy
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -214,10 +216,12 @@ def is_correct(prediction: str, answers: list[str]) -> bool:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-                     num_samples: int = 0, temperature: float = 1.0, top_k: int = 0, desc: str = "answering") -> list[list[str]]:
+                     num_samples: int = 0, temperature: float = 1.0, top_k: int = 0, desc: str = "answering",
+                     prefill_once: bool = True) -> list[list[str]]:
     """Answer every prompt: greedily (num_samples=0, one answer each) or with num_samples sampled answers.
 
-    Prompts are sorted by length so that each left-padded batch wastes little compute."""
+    Prompts are sorted by length so that each left-padded batch wastes little compute. prefill_once=False: the plain
+    generate() for sampled answers (the fast path of Part III, §8b, gives the same answers)."""
     from transformers import GenerationConfig
 
     model.eval()
@@ -235,7 +239,10 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         synced = {"synced_gpus": True} if is_sharded(model) else {}  # FSDP2: every rank in every forward pass (§16)
-        out = model.generate(**enc, generation_config=gen_config, **synced)
+        if sampling and prefill_once:  # the same answers, each prompt's prefill computed once (Part III, §8b)
+            out = generate_prefilling_once(model, enc, gen_config, **synced)
+        else:
+            out = model.generate(**enc, generation_config=gen_config, **synced)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [[t.split("\n")[0].strip() for t in texts[j * per_prompt:(j + 1) * per_prompt]] for j in range(len(idx))]
 
@@ -413,7 +420,7 @@ def categorize_facts(model, tokenizer, facts: list[dict], cfg: Config, rng: rand
         sample_prompts = [prompts[i * k + j] for i in never for j in range(k)]
         sampled = generate_answers(model, tokenizer, sample_prompts, max_new_tokens=max_new, batch_size=cfg.eval_batch_size,
                                    num_samples=cfg.slick_samples, temperature=cfg.slick_temperature, top_k=cfg.slick_top_k,
-                                   desc="SliCK samples")
+                                   desc="SliCK samples", prefill_once=cfg.prefill_once)
         for n, i in enumerate(never):
             sampled_ok[i] = [is_correct(a, facts[i]["answers"]) for j in range(k) for a in sampled[n * k + j]]
     return {f["id"]: slick_category(greedy_ok[i], sampled_ok[i]) for i, f in enumerate(facts)}
@@ -1990,6 +1997,50 @@ def teacher_off_device(teacher, runs_teacher: bool):
 
 
 # =====================================================================================================
+# 8b. SliCK's sampled answers, one prefill per prompt (tests/test_protocol.py: the answers of plain generate())
+# =====================================================================================================
+def prefills_once(model) -> bool:
+    """Whether generate_prefilling_once applies: a decoder-only model with the default key/value cache (DynamicCache),
+    whose forward takes position ids and a cache; others (recurrent, encoder-decoder, custom caches) go the plain way."""
+    params = inspect.signature(model.forward).parameters
+    return (not model.config.is_encoder_decoder and "position_ids" in params and cache_keyword(model) in params
+            and getattr(type(model), "_supports_default_dynamic_cache", lambda: False)())
+
+
+def cache_keyword(model) -> str:
+    """The name of the key/value cache argument: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate_prefilling_once(model, enc, gen_config, **kwargs):
+    """model.generate(**enc, generation_config=gen_config) with n = num_return_sequences samples a prompt, and each
+    prompt's prefill computed once. generate() copies every prompt n times before its prefill; at SliCK's 16 samples
+    of a few-shot prompt of ~70 tokens, for answers of a few tokens, those copies are most of the labelling's compute.
+    Here the prompts but their last token are run once, the cache is copied n times (in generate()'s order: each
+    prompt's copies side by side) and generate() continues from it: the same rows in the same order draw the same
+    random numbers, so the same answers, up to the rounding of a cached against an uncached forward pass.
+    [B, L] prompts -> [B * n, L + new] sequences, as generate() returns."""
+    from transformers import DynamicCache
+
+    n = gen_config.num_return_sequences or 1
+    if n <= 1 or not prefills_once(model) or enc["input_ids"].shape[1] < 2:
+        return model.generate(**enc, generation_config=gen_config, **kwargs)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers left-padded positions
+    cache, key = DynamicCache(config=model.config), cache_keyword(model)
+    # the prefill's logits are not needed, only its cache: one position's, not [B, L-1, V], where the model allows it
+    one_logit = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+          **{key: cache}, **one_logit)  # [B, L-1]: the last token goes through generate(), which needs its logits
+    cache.batch_repeat_interleave(n)  # [B, ...] -> [B * n, ...]
+    once = copy.deepcopy(gen_config)
+    once.num_return_sequences = 1
+    return model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                          generation_config=once, **{key: cache}, **kwargs)
+
+
+# =====================================================================================================
 # 9. Parameter groups by module structure (what --trainable names mean on any architecture)
 # =====================================================================================================
 # Parameter groups by module structure, so that they mean the same on every decoder-only architecture: the decoder
@@ -3548,6 +3599,7 @@ class EngineeringArgs:
     fsdp: str = field(default="auto", metadata={"help": "torchrun: on (FSDP2) | off (DDP) | auto (FSDP2 if it cannot fit)"})
     precision: str = field(default="auto", metadata={"help": "auto (CUDA: bf16 or fp16; CPU: fp32) | fp32 | bf16 | fp16 autocast"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, ~1/3 more compute"})
+    prefill_once: bool = field(default=True, metadata={"help": "SliCK samples: one prefill per prompt, its cache copied per sample"})
     cache_dir: str = field(default=".cache/sftguard", metadata={"help": "cache of pretrained base models and SliCK categories"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's results in --out (kept until new ones are written)"})
     resume: bool = field(default=False, metadata={"help": "continue a killed run in --out from its checkpoints (same flags)"})

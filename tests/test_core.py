@@ -452,7 +452,8 @@ def test_categorize_facts_gives_each_category(monkeypatch):
     calls = {"greedy": [], "sampled": []}
     greedy_seen = {}
 
-    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_samples=0, temperature=1.0, top_k=0, desc=""):
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_samples=0, temperature=1.0, top_k=0, desc="",
+                      prefill_once=True):
         out = []
         for prompt in prompts:
             fact = by_question[prompt.rsplit("Q: ", 1)[1].removesuffix("\nA:")]

@@ -52,6 +52,34 @@ def test_checkpoint_generation_config_changes_no_answer(smoke_base, tmp_path):
     assert shipped.generation_config.repetition_penalty == 5.0  # the model's own config is put back
 
 
+def test_samples_prefilled_once_are_the_samples_of_plain_generate(smoke_base):
+    """SliCK's samples with one prefill per prompt (§8b) are plain generate()'s, answer for answer (same seed): few-shot
+    prompts of different lengths (left padding), several batches, 4 samples each. The prefill runs on the prompts
+    themselves (8 a batch), not on their 4 copies (32), and the samples differ (sampling, not greedy)."""
+    tok, model = smoke_base.tokenizer, smoke_base.model
+    facts = smoke_base.facts[:24]
+    rng = random.Random(1)
+    prompts = [S.few_shot_prompt(f, rng.sample(facts, 1 + i % 3)) for i, f in enumerate(facts)]
+    assert S.prefills_once(model)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+
+    def answers(prefill_once):
+        rows.clear()
+        torch.manual_seed(0)
+        out = S.generate_answers(model, tok, prompts, max_new_tokens=6, batch_size=32, num_samples=4, temperature=1.0,
+                                 top_k=40, prefill_once=prefill_once)
+        return out, list(rows)
+    try:
+        (fast, fast_rows), (plain, plain_rows) = answers(True), answers(False)
+    finally:
+        hook.remove()
+    assert fast == plain
+    assert fast_rows[0][0] == 8 and plain_rows[0][0] == 32  # batch_size 32 // 4 samples = 8 prompts a batch
+    assert fast_rows[0][1] == plain_rows[0][1] - 1  # the prompts but their last token, which generate() runs
+    assert sum(len(set(a)) > 1 for a in fast) >= 6
+
+
 # =====================================================================================================
 # Exact match with a SentencePiece tokenizer (a lone "▁" piece before " " + answer, as Llama 2 and Mistral)
 # =====================================================================================================

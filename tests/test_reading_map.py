@@ -4,7 +4,7 @@ Every code span in that section must be one of:
   `name` or `name()`     a top-level function, class or constant of sftguard.py, or a Config field
   `Config.field`         a Config field
   `--flag [value]`       a command-line flag, i.e. a Config field (the value is not checked)
-  `§N` or `§N Title`     a section header "# N. Title..." of sftguard.py
+  `§N` or `§N Title`     a section header "# N. Title..." of sftguard.py (N may be 7b)
   `path/to/file.py`      a file of the repository
 so that renaming or deleting a function without updating the map fails this test.
 """
@@ -44,7 +44,7 @@ def defined_names(source: str) -> tuple[set[str], set[str], dict[str, str]]:
     config = classes.get("Config")  # its fields, and those of the --help groups it is composed of
     for cls in [config] + [classes[b.id] for b in config.bases if isinstance(b, ast.Name) and b.id in classes] if config else []:
         fields.update(s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name))
-    sections = dict(re.findall(r"^# (\d+)\. (.+)$", source, flags=re.M))
+    sections = dict(re.findall(r"^# (\d+[a-z]?)\. (.+)$", source, flags=re.M))
     return names, fields, sections
 
 
@@ -54,7 +54,7 @@ def unresolved(section: str, source: str, root: Path = REPO) -> list[str]:
     bad = []
     for span in re.findall(r"`([^`\n]+)`", section):
         span = span.strip()
-        if m := re.fullmatch(r"§(\d+)(?: (.+))?", span):
+        if m := re.fullmatch(r"§(\d+[a-z]?)(?: (.+))?", span):
             ok = m[1] in sections and (m[2] is None or sections[m[1]].startswith(m[2]))
         elif m := re.fullmatch(r"--([a-z_0-9]+)(?: \S+)?", span):
             ok = m[1] in fields
