@@ -2003,13 +2003,13 @@ def prefills_once(model) -> bool:
     """Whether generate_prefilling_once applies: a decoder-only model with the default key/value cache (DynamicCache),
     whose forward takes position ids and a cache; others (recurrent, encoder-decoder, custom caches) go the plain way."""
     params = inspect.signature(model.forward).parameters
-    return (not model.config.is_encoder_decoder and "position_ids" in params and cache_keyword(model) in params
+    return (not model.config.is_encoder_decoder and "position_ids" in params and cache_keyword(params) in params
             and getattr(type(model), "_supports_default_dynamic_cache", lambda: False)())
 
 
-def cache_keyword(model) -> str:
+def cache_keyword(forward_params) -> str:
     """The name of the key/value cache argument: `cache` in recent transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_params else "past_key_values"
 
 
 @torch.no_grad()
@@ -2028,9 +2028,10 @@ def generate_prefilling_once(model, enc, gen_config, **kwargs):
         return model.generate(**enc, generation_config=gen_config, **kwargs)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers left-padded positions
-    cache, key = DynamicCache(config=model.config), cache_keyword(model)
+    params = inspect.signature(model.forward).parameters
+    cache, key = DynamicCache(config=model.config), cache_keyword(params)
     # the prefill's logits are not needed, only its cache: one position's, not [B, L-1, V], where the model allows it
-    one_logit = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    one_logit = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
           **{key: cache}, **one_logit)  # [B, L-1]: the last token goes through generate(), which needs its logits
     cache.batch_repeat_interleave(n)  # [B, ...] -> [B * n, ...]

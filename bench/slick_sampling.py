@@ -16,9 +16,9 @@ import json
 import random
 import statistics
 import sys
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
